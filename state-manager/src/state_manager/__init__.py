@@ -1,0 +1,1 @@
+"""Exosphere-compatible state manager."""
