@@ -1,0 +1,215 @@
+"""Value types of the domain: statuses, graph templates, retry policy, store config.
+
+These are pydantic models because they double as request schemas: the field-level
+rules here are the ones the v0 API answers with 422. Cross-node rules live in
+:mod:`state_manager.domain.graph` and are answered with 400.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RESERVED_IDENTIFIER = "store"
+
+
+class StateStatus(StrEnum):
+    CREATED = "CREATED"
+    QUEUED = "QUEUED"
+    EXECUTED = "EXECUTED"
+    SUCCESS = "SUCCESS"
+    ERRORED = "ERRORED"
+    NEXT_CREATED_ERROR = "NEXT_CREATED_ERROR"
+    PRUNED = "PRUNED"
+    RETRY_CREATED = "RETRY_CREATED"
+
+
+class ValidationStatus(StrEnum):
+    PENDING = "PENDING"
+    ONGOING = "ONGOING"  # part of the enum for compatibility; never written
+    VALID = "VALID"
+    INVALID = "INVALID"
+
+
+class UnitesStrategy(StrEnum):
+    ALL_SUCCESS = "ALL_SUCCESS"
+    ALL_DONE = "ALL_DONE"
+
+
+class RetryStrategy(StrEnum):
+    EXPONENTIAL = "EXPONENTIAL"
+    EXPONENTIAL_FULL_JITTER = "EXPONENTIAL_FULL_JITTER"
+    EXPONENTIAL_EQUAL_JITTER = "EXPONENTIAL_EQUAL_JITTER"
+    LINEAR = "LINEAR"
+    LINEAR_FULL_JITTER = "LINEAR_FULL_JITTER"
+    LINEAR_EQUAL_JITTER = "LINEAR_EQUAL_JITTER"
+    FIXED = "FIXED"
+    FIXED_FULL_JITTER = "FIXED_FULL_JITTER"
+    FIXED_EQUAL_JITTER = "FIXED_EQUAL_JITTER"
+
+
+class RunStatus(StrEnum):
+    SUCCESS = "SUCCESS"
+    PENDING = "PENDING"
+    FAILED = "FAILED"
+
+
+class TriggerStatus(StrEnum):
+    PENDING = "PENDING"
+    TRIGGERING = "TRIGGERING"
+    TRIGGERED = "TRIGGERED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+def _trimmed_non_empty(value: str, what: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{what} cannot be empty")
+    return value
+
+
+class Unites(BaseModel):
+    """Fan-in declaration: wait for every descendant of ``identifier``'s fan-out group."""
+
+    identifier: str
+    strategy: UnitesStrategy = UnitesStrategy.ALL_SUCCESS
+
+    @field_validator("identifier")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _trimmed_non_empty(value, "Unites identifier")
+
+
+class NodeTemplate(BaseModel):
+    """One node of a graph template."""
+
+    node_name: str
+    namespace: str
+    identifier: str
+    inputs: dict[str, Any]
+    next_nodes: list[str] | None = None
+    unites: Unites | None = None
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        return _trimmed_non_empty(value, "Node name")
+
+    @field_validator("identifier")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        value = _trimmed_non_empty(value, "Node identifier")
+        if value == RESERVED_IDENTIFIER:
+            raise ValueError(f"Node identifier cannot be reserved word '{RESERVED_IDENTIFIER}'")
+        return value
+
+    @field_validator("next_nodes")
+    @classmethod
+    def _next_nodes(cls, value: list[str] | None) -> list[str]:
+        if value is None:
+            return []
+        errors: list[str] = []
+        seen: set[str] = set()
+        cleaned: list[str] = []
+        for raw in value:
+            item = raw.strip()
+            if not item:
+                errors.append("Next node identifier cannot be empty")
+            elif item in seen:
+                errors.append(f"Next node identifier {item} is not unique")
+            seen.add(item)
+            cleaned.append(item)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return cleaned
+
+    def successors(self) -> list[str]:
+        return list(self.next_nodes or [])
+
+
+class RetryPolicy(BaseModel):
+    """How an errored state is retried. Delays are in milliseconds."""
+
+    max_retries: int = Field(default=3, ge=0)
+    strategy: RetryStrategy = RetryStrategy.EXPONENTIAL
+    backoff_factor: int = Field(default=2000, gt=0)
+    exponent: int = Field(default=2, gt=0)
+    max_delay: int | None = Field(default=None, gt=0)
+
+
+def _key_problems(keys: list[str]) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for key in keys:
+        if not key:
+            problems.append("Key cannot be empty")
+        elif "." in key:
+            problems.append(f"Key '{key}' cannot contain '.'")
+        elif key in seen:
+            problems.append(f"Key '{key}' is duplicated")
+        seen.add(key)
+    return problems
+
+
+class StoreConfig(BaseModel):
+    """Per-run key/value store: keys a trigger must provide and defaults for the rest."""
+
+    required_keys: list[str] = Field(default_factory=list)
+    default_values: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        problems: list[str] = []
+        required = data.get("required_keys", [])
+        if isinstance(required, list) and all(isinstance(k, str) for k in required):
+            required = [k.strip() for k in required]
+            problems += _key_problems(required)
+        defaults = data.get("default_values", {})
+        if isinstance(defaults, dict):
+            stripped = [str(k).strip() for k in defaults]
+            problems += _key_problems(stripped)
+            defaults = {str(k).strip(): str(v) for k, v in defaults.items()}
+        if problems:
+            raise ValueError("; ".join(problems))
+        return {**data, "required_keys": required, "default_values": defaults}
+
+
+class CronValue(BaseModel):
+    expression: str
+
+    @field_validator("expression")
+    @classmethod
+    def _expression(cls, value: str) -> str:
+        from state_manager.domain.cron import validate_expression
+
+        return validate_expression(value)
+
+
+class Trigger(BaseModel):
+    """A template-level trigger. Only cron exists."""
+
+    type: Literal["CRON"] = "CRON"
+    value: CronValue
+
+
+class GraphSpec(BaseModel):
+    """The parts of a graph template that the user writes (the upsert body, minus secrets)."""
+
+    model_config = ConfigDict(frozen=False)
+
+    nodes: list[NodeTemplate]
+    retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
+    store_config: StoreConfig = Field(default_factory=StoreConfig)
+    triggers: list[Trigger] = Field(default_factory=list)
+
+    def node(self, identifier: str) -> NodeTemplate | None:
+        for node in self.nodes:
+            if node.identifier == identifier:
+                return node
+        return None
