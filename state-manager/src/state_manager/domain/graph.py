@@ -205,7 +205,7 @@ def _edge_errors(spec: GraphSpec) -> list[str]:
 
 
 def _topology_errors(spec: GraphSpec, edges: Mapping[str, list[str]]) -> list[str]:
-    """Root, cycles, reachability and the predecessors of uniting nodes."""
+    """Root, cycles and the predecessors of uniting nodes."""
     errors: list[str] = []
     roots = _roots(spec)
     if not spec.nodes:
@@ -220,13 +220,10 @@ def _topology_errors(spec: GraphSpec, edges: Mapping[str, list[str]]) -> list[st
     for component in cycles:
         members = ", ".join(sorted(component))
         errors.append(f"Graph has a cycle through nodes: {members}")
-    if len(roots) == 1 and not cycles:
-        reachable = _reachable(edges, roots[0])
-        for node in spec.nodes:
-            if node.identifier not in reachable:
-                errors.append(
-                    f"Node '{node.identifier}' is not reachable from root node '{roots[0]}'"
-                )
+    # No reachability check is needed: in an acyclic graph every node is reachable from a
+    # node without in-edges, so with exactly one root every node is reachable from it.
+    if cycles:
+        return errors  # descendant sets are meaningless with a cycle
     for target, uniting_nodes in unites_targets(spec).items():
         descendants = _reachable(edges, target)
         for uniting in uniting_nodes:
