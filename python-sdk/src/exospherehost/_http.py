@@ -1,0 +1,137 @@
+"""The one HTTP layer of the SDK: a pooled ``httpx.AsyncClient`` plus retry rules.
+
+Both :class:`~exospherehost.Runtime` and :class:`~exospherehost.StateManager` talk to the
+state manager through :class:`ApiClient`. It knows the URL layout
+(``{uri}/{version}/namespace/{namespace}/...``), sends the ``x-api-key`` header, parses
+JSON bodies and decides which failures are worth retrying.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from .errors import ApiError
+
+__all__ = ["ApiClient", "Backoff", "is_retryable_status", "response_body"]
+
+# Statuses after which the same request may succeed later: the server is overloaded,
+# restarting or behind a proxy that timed out. Every other 4xx is a definitive answer.
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+def is_retryable_status(status_code: int) -> bool:
+    """True when a request that got ``status_code`` may succeed if sent again."""
+    return status_code >= 500 or status_code in _RETRYABLE_4XX
+
+
+def response_body(response: httpx.Response) -> Any:
+    """The JSON body of ``response``, or its text when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: about ``base * 2**attempt``, at most ``cap`` seconds."""
+
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (0 for the first retry)."""
+        ceiling: float = min(self.cap, self.base * 2.0 ** min(attempt, 32))
+        # "Equal jitter": never less than half the ceiling, so retries still back off,
+        # but spread so that many workers do not hammer a recovering server in step.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def segment(value: str) -> str:
+    """Quote one URL path segment (names may contain spaces or slashes)."""
+    return quote(value, safe="")
+
+
+class ApiClient:
+    """Namespace-scoped client of the state manager's ``v0`` API over one connection pool."""
+
+    def __init__(
+        self,
+        uri: str,
+        key: str,
+        namespace: str,
+        version: str = "v0",
+        *,
+        timeout: float = 30.0,
+        max_connections: int = 20,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.base_path = f"/{segment(version)}/namespace/{segment(namespace)}"
+        self.timeout = timeout
+        self.client = httpx.AsyncClient(
+            base_url=uri.rstrip("/"),
+            headers={"x-api-key": key},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+            ),
+            transport=transport,
+        )
+
+    def url(self, *parts: str, trailing_slash: bool = False) -> str:
+        """Path under the namespace: ``url("state", id, "executed")``."""
+        path = "/".join([self.base_path, *(segment(part) for part in parts)])
+        return path + "/" if trailing_slash else path
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        request_timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send one request; transport failures raise ``httpx.TransportError``."""
+        if request_timeout is None:
+            return await self.client.request(method, path, json=json)
+        timeout = httpx.Timeout(request_timeout, connect=min(request_timeout, 10.0))
+        return await self.client.request(method, path, json=json, timeout=timeout)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        ok: tuple[int, ...] = (200,),
+        request_timeout: float | None = None,
+    ) -> Any:
+        """Send one request and return its JSON body; raise :class:`ApiError` unless ``ok``."""
+        response = await self.send(method, path, json=json, request_timeout=request_timeout)
+        body = response_body(response)
+        if response.status_code not in ok:
+            raise ApiError(method, path, response.status_code, body)
+        return body
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,768 @@
+"""``Runtime``: claims states of one namespace, runs their nodes and reports the results.
+
+How a runtime works:
+
+* **Register** the node classes once (``PUT .../nodes/``), retrying while the server is
+  unreachable.
+* **Claim** ready states (``POST .../states/enqueue``), never more than the idle workers can
+  start at once: ``batch_size = min(batch_size, free workers)``. The request asks the server
+  to hold it until work appears (``wait_ms``, a long poll); a server that answers at once
+  is polled every ``poll_interval`` seconds instead.
+* **Execute** each state in its own task: fetch secrets if the node declares any, build
+  ``Inputs``/``Secrets``, run ``execute`` (plain ``def`` nodes in a thread pool), and send
+  heartbeats while it runs so the server keeps the claim.
+* **Report** the outcome (``executed``, ``errored``, ``prune``, ``re-enqueue-after``). A
+  report is retried with backoff on network errors and 5xx answers until the server accepts
+  it or says, with a 4xx, that the state is no longer ours. Reporting happens in the
+  background: a failing report never stops the runtime or blocks a worker.
+* **Stop** on SIGINT/SIGTERM (in :meth:`Runtime.start`) or :meth:`Runtime.stop`: stop
+  claiming, let running nodes finish for ``graceful_shutdown_timeout`` seconds, report them,
+  then cancel what is left (reported as errored, so the server retries it) and give pending
+  reports ``shutdown_report_timeout`` seconds more. Undeliverable reports are logged in
+  full, never dropped silently. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ._http import ApiClient, Backoff, is_retryable_status, response_body
+from .errors import ApiError, StateGoneError
+from .node import BaseNode, node_problems, normalize_outputs
+from .signals import PruneSignal, ReQueueAfterSignal
+
+__all__ = ["Runtime", "RuntimeStats"]
+
+logger = logging.getLogger("exospherehost.runtime")
+
+_SHUTDOWN_ERROR = "the worker runtime shut down before the node finished"
+
+
+@dataclass
+class RuntimeStats:
+    """What a runtime did so far; returned by :meth:`Runtime.run` and ``run_until_idle``."""
+
+    claimed: int = 0
+    """States claimed from the server."""
+    executed: int = 0
+    """``executed`` reports accepted."""
+    errored: int = 0
+    """``errored`` reports accepted."""
+    pruned: int = 0
+    """``prune`` reports accepted."""
+    requeued: int = 0
+    """``re-enqueue-after`` reports accepted."""
+    rejected: int = 0
+    """Reports refused with a 4xx (the state was finished, unknown or claimed again)."""
+    undelivered: int = 0
+    """Reports still failing when shutdown gave up on them (each one is logged in full)."""
+
+    @property
+    def reported(self) -> int:
+        """Reports accepted by the server, of any kind."""
+        return self.executed + self.errored + self.pruned + self.requeued
+
+
+@dataclass(frozen=True)
+class _Report:
+    kind: str  # the last path segment: executed, errored, prune, re-enqueue-after
+    body: dict[str, Any]
+
+
+@dataclass
+class _Claim:
+    state_id: str
+    node_name: str
+    inputs: dict[str, Any]
+    heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class _Abandoned(Exception):
+    """Shutdown stopped retrying a request."""
+
+
+_STAT_FOR_KIND = {
+    "executed": "executed",
+    "errored": "errored",
+    "prune": "pruned",
+    "re-enqueue-after": "requeued",
+}
+
+
+class Runtime:
+    """A worker process for the nodes of one namespace.
+
+    Args:
+        namespace: Namespace whose states this runtime claims.
+        name: Name of this runtime (recorded with the registered nodes).
+        nodes: Node classes (subclasses of :class:`BaseNode`) this runtime can execute.
+        state_manager_uri: Base URL of the state manager; default from
+            ``EXOSPHERE_STATE_MANAGER_URI``.
+        key: API key; default from ``EXOSPHERE_API_KEY``.
+        batch_size: Most states claimed in one request.
+        workers: Nodes executed concurrently.
+        state_manage_version: API version path segment (the spelling of the published SDK).
+        poll_interval: Seconds between polls when the server answers at once with no work.
+        wait_ms: How long the server may hold a claim request until work appears (long
+            poll); 0 disables it. Servers without long polling ignore it.
+        heartbeat_interval: Seconds between heartbeats of a running state; 0 disables them.
+        graceful_shutdown_timeout: Seconds running nodes get to finish on shutdown.
+        shutdown_report_timeout: Seconds pending reports get after the nodes, on shutdown.
+        request_timeout: Timeout of one HTTP request (the long poll adds ``wait_ms``).
+        retry_backoff: Backoff of retried requests (reports, claims, registration).
+        transport: Custom httpx transport (tests use ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        nodes: list[type[BaseNode]],
+        state_manager_uri: str | None = None,
+        key: str | None = None,
+        batch_size: int = 16,
+        workers: int = 4,
+        state_manage_version: str = "v0",
+        poll_interval: float = 1,
+        *,
+        wait_ms: int = 10_000,
+        heartbeat_interval: float = 30.0,
+        graceful_shutdown_timeout: float = 30.0,
+        shutdown_report_timeout: float = 30.0,
+        request_timeout: float = 30.0,
+        retry_backoff: Backoff | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        _configure_default_logging()
+        self._namespace = namespace
+        self._name = name
+        self._state_manager_uri = state_manager_uri or os.environ.get("EXOSPHERE_STATE_MANAGER_URI")
+        self._key = key or os.environ.get("EXOSPHERE_API_KEY")
+        self._batch_size = batch_size
+        self._workers = workers
+        self._version = state_manage_version
+        self._poll_interval = poll_interval
+        self._wait_ms = wait_ms
+        self._heartbeat_interval = heartbeat_interval
+        self._graceful_shutdown_timeout = graceful_shutdown_timeout
+        self._shutdown_report_timeout = shutdown_report_timeout
+        self._request_timeout = request_timeout
+        self._backoff = retry_backoff or Backoff()
+        self._transport = transport
+        self._node_list = list(nodes)
+        self._validate()
+        self._nodes: dict[str, type[BaseNode]] = {node.__name__: node for node in self._node_list}
+
+        self.stats = RuntimeStats()
+        self._stop_requested = False
+        self._force_requested = False
+        self._heartbeat_supported = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._force_event: asyncio.Event | None = None
+        self._abandon_event: asyncio.Event | None = None
+        self._slot_freed: asyncio.Event | None = None
+        self._finished: asyncio.Event | None = None
+        self._api: ApiClient | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: dict[asyncio.Task[None], _Claim] = {}
+        self._reports: set[asyncio.Task[None]] = set()
+
+    # --- configuration -------------------------------------------------------------------
+
+    @property
+    def namespace(self) -> str:
+        """Namespace this runtime serves."""
+        return self._namespace
+
+    @property
+    def name(self) -> str:
+        """Name of this runtime."""
+        return self._name
+
+    def _validate(self) -> None:
+        problems: list[str] = []
+        if self._batch_size < 1:
+            problems.append("batch_size must be at least 1")
+        if self._workers < 1:
+            problems.append("workers must be at least 1")
+        if self._poll_interval <= 0:
+            problems.append("poll_interval must be positive")
+        if not 0 <= self._wait_ms <= 30_000:
+            problems.append("wait_ms must be between 0 and 30000")
+        if not self._state_manager_uri:
+            problems.append(
+                "state_manager_uri is not set (pass it or set EXOSPHERE_STATE_MANAGER_URI)"
+            )
+        if not self._key:
+            problems.append("key is not set (pass it or set EXOSPHERE_API_KEY)")
+        if not self._node_list:
+            problems.append("nodes must list at least one node class")
+        for node in self._node_list:
+            problems.extend(node_problems(node))
+        names = [node.__name__ for node in self._node_list if isinstance(node, type)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"node class names must be unique, repeated: {', '.join(duplicates)}")
+        if problems:
+            raise ValueError("invalid Runtime configuration:\n  - " + "\n  - ".join(problems))
+
+    # --- public lifecycle ----------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[RuntimeStats] | None:
+        """Run the runtime.
+
+        Inside a running event loop, schedule it as a task and return the task (stop it with
+        :meth:`stop`). Otherwise block until SIGINT/SIGTERM, then shut down gracefully.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self.run(handle_signals=True))
+            return None
+        return asyncio.ensure_future(self.run())
+
+    async def _start(self) -> RuntimeStats:
+        """Same as :meth:`run` (the name used by the published SDK's notebook examples)."""
+        return await self.run()
+
+    async def run(self, *, handle_signals: bool = False) -> RuntimeStats:
+        """Register, then claim and execute states until :meth:`stop` (or a signal).
+
+        With ``handle_signals``, SIGINT and SIGTERM start a graceful shutdown (a second one
+        skips the wait for running nodes). Raises if registration is refused.
+        """
+        return await self._serve(until_idle=False, idle_timeout=0.0, handle_signals=handle_signals)
+
+    async def run_until_idle(self, *, idle_timeout: float = 1.0) -> RuntimeStats:
+        """Register, then execute states until there is nothing left to do, and return.
+
+        "Nothing left" means no node running, no report pending, and no claimable state for
+        ``idle_timeout`` seconds. States delayed further than that (retry backoff,
+        re-enqueue) are left for a later run, as in a batch job.
+        """
+        return await self._serve(until_idle=True, idle_timeout=idle_timeout, handle_signals=False)
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask a running runtime to shut down; returns at once, callable from any thread.
+
+        With ``force``, running nodes are cancelled without waiting for them.
+        """
+        self._stop_requested = True
+        self._force_requested = self._force_requested or force
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._set_stop_events()
+        else:
+            loop.call_soon_threadsafe(self._set_stop_events)
+
+    async def stop(self, *, force: bool = False) -> None:
+        """Shut down gracefully and wait until the runtime has finished."""
+        finished = self._finished
+        self.request_stop(force=force)
+        if finished is not None and self._loop is asyncio.get_running_loop():
+            await finished.wait()
+
+    # --- main loop -----------------------------------------------------------------------
+
+    def _set_stop_events(self) -> None:
+        if self._stop_event is not None and self._stop_requested:
+            self._stop_event.set()
+        if self._force_event is not None and self._force_requested:
+            self._force_event.set()
+
+    async def _serve(
+        self, *, until_idle: bool, idle_timeout: float, handle_signals: bool
+    ) -> RuntimeStats:
+        if self._loop is not None:
+            raise RuntimeError("this Runtime is already running")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop_event = asyncio.Event()
+        self._force_event = asyncio.Event()
+        self._abandon_event = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._set_stop_events()
+        installed = self._install_signal_handlers(loop) if handle_signals else []
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._workers, thread_name_prefix=f"exosphere-{self._name}"
+        )
+        assert self._state_manager_uri is not None and self._key is not None
+        self._api = ApiClient(
+            self._state_manager_uri,
+            self._key,
+            self._namespace,
+            self._version,
+            timeout=self._request_timeout,
+            # Claims, reports and heartbeats of every worker may be in flight at once.
+            max_connections=self._workers * 2 + 4,
+            transport=self._transport,
+        )
+        try:
+            registered = await self._register()
+            if registered:
+                await self._claim_loop(until_idle=until_idle, idle_timeout=idle_timeout)
+        finally:
+            try:
+                await self._drain()
+            finally:
+                for signum in installed:
+                    loop.remove_signal_handler(signum)
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                await self._api.aclose()
+                self._api = None
+                self._executor = None
+                self._loop = None
+                self._finished.set()
+                self._finished = None
+                self._stop_requested = False
+                self._force_requested = False
+        return self.stats
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed: list[int] = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # pragma: no cover
+                continue
+            installed.append(signum)
+        return installed
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stop_requested:
+            logger.warning("second %s: cancelling running nodes", signal.Signals(signum).name)
+            self.request_stop(force=True)
+        else:
+            logger.info(
+                "%s received: finishing running nodes (send it again to cancel them)",
+                signal.Signals(signum).name,
+            )
+            self.request_stop()
+
+    async def _register(self) -> bool:
+        api = self._require_api()
+        body = {
+            "runtime_name": self._name,
+            "runtime_namespace": self._namespace,
+            "nodes": [
+                {
+                    "name": node.__name__,
+                    "namespace": self._namespace,
+                    "inputs_schema": node.Inputs.model_json_schema(),
+                    "outputs_schema": node.Outputs.model_json_schema(),
+                    "secrets": list(node.Secrets.model_fields),
+                }
+                for node in self._node_list
+            ],
+        }
+        attempt = 0
+        while True:
+            try:
+                response = await self._until_stopped(
+                    api.send("PUT", api.url("nodes", trailing_slash=True), json=body)
+                )
+            except httpx.TransportError as exc:
+                logger.warning("cannot register nodes yet (%s); retrying", _describe_exc(exc))
+            else:
+                if response is None:
+                    return False
+                if response.status_code == 200:
+                    logger.info(
+                        "runtime %r registered %d node(s) in namespace %r",
+                        self._name,
+                        len(self._node_list),
+                        self._namespace,
+                    )
+                    return True
+                if not is_retryable_status(response.status_code):
+                    raise ApiError(
+                        "PUT",
+                        str(response.request.url),
+                        response.status_code,
+                        response_body(response),
+                    )
+                logger.warning("registration got HTTP %d; retrying", response.status_code)
+            if not await self._sleep_unless_stopped(self._backoff.delay(attempt)):
+                return False
+            attempt += 1
+
+    async def _claim_loop(self, *, until_idle: bool, idle_timeout: float) -> None:
+        api = self._require_api()
+        loop = asyncio.get_running_loop()
+        assert self._stop_event is not None and self._slot_freed is not None
+        names = list(self._nodes)
+        failures = 0
+        idle_since: float | None = None
+        while not self._stop_event.is_set():
+            free = self._workers - len(self._running)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._first_of(self._slot_freed.wait())
+                continue
+            wait_ms = self._wait_ms
+            if until_idle:
+                wait_ms = min(wait_ms, max(0, int(idle_timeout * 1000)))
+            body: dict[str, Any] = {"nodes": names, "batch_size": min(self._batch_size, free)}
+            if wait_ms > 0:
+                body["wait_ms"] = wait_ms
+            started = loop.time()
+            try:
+                response = await self._until_stopped(
+                    api.send(
+                        "POST",
+                        api.url("states", "enqueue"),
+                        json=body,
+                        request_timeout=self._request_timeout + wait_ms / 1000,
+                    )
+                )
+                if response is None:
+                    break
+                payload = response_body(response)
+                if response.status_code != 200:
+                    raise ApiError("POST", "states/enqueue", response.status_code, payload)
+                states = payload["states"] if isinstance(payload, dict) else None
+                if not isinstance(states, list):
+                    raise ValueError(f"enqueue answer has no 'states' list: {payload!r}")
+            except (httpx.TransportError, ApiError, ValueError, KeyError) as exc:
+                logger.warning("claiming states failed: %s", _describe_exc(exc))
+                await self._sleep_unless_stopped(
+                    max(self._backoff.delay(failures), self._poll_interval)
+                )
+                failures += 1
+                continue
+            failures = 0
+            for raw in states:
+                self._launch(raw)
+            if states:
+                idle_since = None
+                continue
+            now = loop.time()
+            if until_idle:
+                if self._running or self._reports:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = started
+                if idle_since is not None and now - idle_since >= idle_timeout:
+                    return
+            if now - started < wait_ms / 2000:
+                # The server answered an empty claim at once: it does not long-poll.
+                pause = self._poll_interval
+                if until_idle:
+                    pause = min(pause, max(idle_timeout / 4, 0.01))
+                if self._running or self._reports:
+                    # Wake up as soon as a worker finishes: its report may create work.
+                    assert self._slot_freed is not None
+                    self._slot_freed.clear()
+                    await self._first_of(self._slot_freed.wait(), asyncio.sleep(pause))
+                else:
+                    await self._sleep_unless_stopped(pause)
+
+    # --- executing one state -------------------------------------------------------------
+
+    def _launch(self, raw: Any) -> None:
+        try:
+            claim = _Claim(
+                state_id=str(raw["state_id"]),
+                node_name=str(raw["node_name"]),
+                inputs=dict(raw.get("inputs") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            logger.error("ignoring a malformed claimed state: %r", raw)
+            return
+        self.stats.claimed += 1
+        if self._heartbeat_interval > 0 and self._heartbeat_supported:
+            claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
+        task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
+        self._running[task] = claim
+        task.add_done_callback(self._on_node_done)
+
+    def _on_node_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover
+            logger.error("node task failed unexpectedly", exc_info=task.exception())
+
+    async def _handle(self, claim: _Claim) -> None:
+        try:
+            report = await self._execute(claim)
+        except asyncio.CancelledError:
+            logger.warning(
+                "state %s (%s) cancelled at shutdown; reporting it as errored",
+                claim.state_id,
+                claim.node_name,
+            )
+            self._submit(claim, _Report("errored", {"error": _SHUTDOWN_ERROR}))
+            raise
+        self._submit(claim, report)
+
+    async def _execute(self, claim: _Claim) -> _Report:
+        node_cls = self._nodes.get(claim.node_name)
+        if node_cls is None:
+            return _Report(
+                "errored",
+                {"error": f"node {claim.node_name!r} is not served by runtime {self._name!r}"},
+            )
+        try:
+            secrets: dict[str, Any] = {}
+            if node_cls.Secrets.model_fields:
+                secrets = await self._fetch_secrets(claim.state_id)
+            inputs_model = node_cls.Inputs(**claim.inputs)
+            secrets_model = node_cls.Secrets(**secrets)
+            node = node_cls()
+            result = await node._run(inputs_model, secrets_model, self._executor)
+            outputs = normalize_outputs(claim.node_name, result)
+        except PruneSignal as prune:
+            return _Report("prune", prune.to_body())
+        except ReQueueAfterSignal as requeue:
+            return _Report("re-enqueue-after", requeue.to_body())
+        except _Abandoned:
+            return _Report("errored", {"error": _SHUTDOWN_ERROR})
+        except Exception as exc:
+            logger.warning(
+                "state %s (%s) failed: %s",
+                claim.state_id,
+                claim.node_name,
+                _describe_exc(exc),
+                exc_info=exc,
+            )
+            return _Report("errored", {"error": _describe_exc(exc)})
+        return _Report("executed", {"outputs": outputs})
+
+    async def _fetch_secrets(self, state_id: str) -> dict[str, Any]:
+        api = self._require_api()
+        try:
+            body = await self._retrying("GET", api.url("state", state_id, "secrets"), None)
+        except StateGoneError as exc:
+            logger.warning("no secrets for state %s: %s", state_id, exc)
+            return {}
+        secrets = body.get("secrets") if isinstance(body, dict) else None
+        return dict(secrets) if isinstance(secrets, dict) else {}
+
+    async def _heartbeat(self, state_id: str) -> None:
+        api = self._require_api()
+        path = api.url("state", state_id, "heartbeat")
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            try:
+                response = await api.send("POST", path, json={})
+            except httpx.TransportError as exc:
+                logger.debug("heartbeat of %s failed: %s", state_id, _describe_exc(exc))
+                continue
+            status = response.status_code
+            if status == 200 or is_retryable_status(status):
+                continue
+            body = response_body(response)
+            if status == 405 or (status == 404 and body == {"detail": "Not Found"}):
+                logger.info("the state manager has no heartbeat route; heartbeats disabled")
+                self._heartbeat_supported = False
+            else:
+                logger.warning(
+                    "heartbeat of state %s refused (HTTP %d): the claim may have been lost",
+                    state_id,
+                    status,
+                )
+            return
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def _submit(self, claim: _Claim, report: _Report) -> None:
+        task = asyncio.create_task(self._deliver(claim, report))
+        self._reports.add(task)
+        task.add_done_callback(self._on_report_done)
+
+    def _on_report_done(self, task: asyncio.Task[None]) -> None:
+        self._reports.discard(task)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+
+    async def _deliver(self, claim: _Claim, report: _Report) -> None:
+        api = self._require_api()
+        try:
+            await self._retrying("POST", api.url("state", claim.state_id, report.kind), report.body)
+        except StateGoneError as exc:
+            self.stats.rejected += 1
+            logger.warning(
+                "%s report of state %s refused, the state is no longer ours: %s",
+                report.kind,
+                claim.state_id,
+                exc.detail,
+            )
+        except _Abandoned:
+            self.stats.undelivered += 1
+            logger.error(
+                "gave up delivering the %s report of state %s (%s) at shutdown; body: %r",
+                report.kind,
+                claim.state_id,
+                claim.node_name,
+                report.body,
+            )
+        except Exception:  # pragma: no cover - a bug here must not stop the runtime
+            self.stats.undelivered += 1
+            logger.exception(
+                "unexpected failure delivering the %s report of state %s; body: %r",
+                report.kind,
+                claim.state_id,
+                report.body,
+            )
+        else:
+            name = _STAT_FOR_KIND[report.kind]
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+        finally:
+            if claim.heartbeat is not None:
+                claim.heartbeat.cancel()
+
+    async def _retrying(self, method: str, path: str, body: Any) -> Any:
+        """Send until the server answers 200; 4xx raises ``StateGoneError``.
+
+        Network errors and retryable statuses are retried with backoff until shutdown
+        abandons pending requests (``_Abandoned``).
+        """
+        api = self._require_api()
+        assert self._abandon_event is not None
+        attempt = 0
+        while True:
+            try:
+                response = await api.send(method, path, json=body)
+            except httpx.TransportError as exc:
+                problem = _describe_exc(exc)
+            else:
+                payload = response_body(response)
+                if response.status_code == 200:
+                    return payload
+                if not is_retryable_status(response.status_code):
+                    raise StateGoneError(method, path, response.status_code, payload)
+                problem = f"HTTP {response.status_code}"
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            logger.warning(
+                "%s %s failed (%s); retry %d in %.1f s", method, path, problem, attempt, delay
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._abandon_event.wait(), timeout=delay)
+            if self._abandon_event.is_set():
+                raise _Abandoned
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._force_event is not None and self._abandon_event is not None
+        if self._running:
+            logger.info(
+                "waiting up to %.0f s for %d running node(s)",
+                self._graceful_shutdown_timeout,
+                len(self._running),
+            )
+            deadline = loop.time() + self._graceful_shutdown_timeout
+            while self._running and not self._force_event.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await self._first_of(
+                    asyncio.wait(list(self._running), return_when=asyncio.FIRST_COMPLETED),
+                    self._force_event.wait(),
+                    within=remaining,
+                    or_stop=False,
+                )
+            leftover = list(self._running)
+            for task in leftover:
+                task.cancel()
+            await asyncio.gather(*leftover, return_exceptions=True)
+        if self._reports:
+            logger.info("delivering %d pending report(s)", len(self._reports))
+            await asyncio.wait(list(self._reports), timeout=self._shutdown_report_timeout)
+        if self._reports:
+            self._abandon_event.set()
+            await asyncio.gather(*list(self._reports), return_exceptions=True)
+        for claim in list(self._running.values()):  # pragma: no cover - defensive
+            if claim.heartbeat is not None:
+                claim.heartbeat.cancel()
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _require_api(self) -> ApiClient:
+        if self._api is None:
+            raise RuntimeError("the runtime is not running")
+        return self._api
+
+    async def _until_stopped[T](self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Await ``coro`` unless a stop is requested first (then cancel it, return None)."""
+        assert self._stop_event is not None
+        task = asyncio.ensure_future(coro)
+        stopper = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return None
+
+    async def _sleep_unless_stopped(self, seconds: float) -> bool:
+        """Sleep; False if a stop was requested meanwhile."""
+        assert self._stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
+        return not self._stop_event.is_set()
+
+    async def _first_of(
+        self,
+        *aws: Coroutine[Any, Any, Any],
+        within: float | None = None,
+        or_stop: bool = True,
+    ) -> None:
+        """Wait until one of ``aws`` (or a stop request) completes; cancel the rest."""
+        assert self._stop_event is not None
+        tasks = [asyncio.ensure_future(aw) for aw in aws]
+        if or_stop:
+            tasks.append(asyncio.ensure_future(self._stop_event.wait()))
+        try:
+            await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _describe_exc(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _configure_default_logging() -> None:
+    """Log at ``EXOSPHERE_LOG_LEVEL`` (INFO) unless the application configured logging."""
+    if os.environ.get("EXOSPHERE_DISABLE_DEFAULT_LOGGING"):
+        return
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    level = os.environ.get("EXOSPHERE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
