@@ -1,1 +1,3 @@
 """Exosphere-compatible state manager."""
+
+__version__ = "0.1.0"

@@ -90,7 +90,9 @@ class Settings:
     auto_migrate: bool = True
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, mode: Mode | None = None) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, mode: Mode | None = None
+    ) -> Settings:
         """Read settings from ``env`` (default: ``os.environ``) and validate them."""
         env = os.environ if env is None else env
         resolved_mode = mode or Mode(env.get("MODE", Mode.PRODUCTION.value).strip().lower())

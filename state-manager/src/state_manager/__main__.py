@@ -1,0 +1,3 @@
+from state_manager.cli import main
+
+main()

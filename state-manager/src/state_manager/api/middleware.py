@@ -1,0 +1,177 @@
+"""ASGI middleware: request ids, access logs, latency metrics, body limits, last-resort 500s.
+
+One pure-ASGI layer does all of it, so every response — 401, 413, 422 and 500
+included — carries ``x-exosphere-request-id`` and is timed and logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from state_manager.logs import request_id_var
+from state_manager.metrics import Metrics
+
+logger = logging.getLogger("state_manager.access")
+
+REQUEST_ID_HEADER = "x-exosphere-request-id"
+INTERNAL_ERROR = (
+    "An internal error occurred. It has been logged with the request id in the "
+    "x-exosphere-request-id header; quote it when you report the problem."
+)
+
+
+def parse_request_id(raw: str | None) -> str:
+    """Keep a client's request id if it parses as a UUID (any common form), else make one."""
+    if raw:
+        try:
+            uuid.UUID(raw.strip())
+        except ValueError:
+            pass
+        else:
+            return raw
+    return str(uuid.uuid4())
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _json_response(status: int, body: dict[str, Any], request_id: str) -> list[Message]:
+    payload = json.dumps(body).encode("utf-8")
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode("ascii")),
+                (REQUEST_ID_HEADER.encode("ascii"), request_id.encode("latin-1")),
+            ],
+        },
+        {"type": "http.response.body", "body": payload},
+    ]
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = parse_request_id(headers.get(REQUEST_ID_HEADER))
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status_holder = {"status": 500, "sent": False}
+        limit = self.max_body_bytes
+
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._finish(
+                scope,
+                send,
+                413,
+                {"detail": f"Request body exceeds {limit} bytes"},
+                request_id,
+                started,
+                status_holder,
+            )
+            request_id_var.reset(token)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["sent"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (REQUEST_ID_HEADER.encode("ascii"), request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except BodyTooLarge:
+            if not status_holder["sent"]:
+                await self._finish(
+                    scope,
+                    send,
+                    413,
+                    {"detail": f"Request body exceeds {limit} bytes"},
+                    request_id,
+                    started,
+                    status_holder,
+                )
+                return
+        except Exception:
+            logger.exception("unhandled error", extra={"path": scope.get("path", "")})
+            if not status_holder["sent"]:
+                await self._finish(
+                    scope,
+                    send,
+                    500,
+                    {"success": False, "detail": INTERNAL_ERROR},
+                    request_id,
+                    started,
+                    status_holder,
+                )
+                return
+        else:
+            self._record(scope, int(status_holder["status"]), started)
+        finally:
+            request_id_var.reset(token)
+
+    async def _finish(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        body: dict[str, Any],
+        request_id: str,
+        started: float,
+        status_holder: dict[str, Any],
+    ) -> None:
+        for message in _json_response(status, body, request_id):
+            await send(message)
+        status_holder["status"] = status
+        self._record(scope, status, started)
+
+    def _record(self, scope: Scope, status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        self.metrics.http_seconds.labels(scope["method"], template, str(status)).observe(elapsed)
+        logger.info(
+            "%s %s %s",
+            scope["method"],
+            scope.get("path", ""),
+            status,
+            extra={
+                "method": scope["method"],
+                "path": scope.get("path", ""),
+                "status": status,
+                "latency_ms": round(elapsed * 1000, 2),
+            },
+        )

@@ -1,0 +1,298 @@
+"""HTTP routes of the v0 API. Handlers parse, call one service, and shape the answer."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
+
+from state_manager.api import schemas
+from state_manager.domain.models import GraphSpec
+from state_manager.errors import InvalidRequest
+from state_manager.services import graphs, runs, states
+from state_manager.services.context import Context, iso
+from state_manager.store.queries import StateRow, TemplateRow
+
+
+def get_context(request: Request) -> Context:
+    context: Context = request.app.state.context
+    return context
+
+
+ContextDep = Annotated[Context, Depends(get_context)]
+
+
+async def require_api_key(
+    request: Request, x_api_key: Annotated[str | None, Header()] = None
+) -> None:
+    """Every /v0 route needs ``x-api-key`` equal to ``STATE_MANAGER_SECRET`` (constant time)."""
+    expected: str = request.app.state.context.settings.state_manager_secret
+    if x_api_key is None or not hmac.compare_digest(
+        x_api_key.encode("utf-8"), expected.encode("utf-8")
+    ):
+        raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail="Invalid API key")
+
+
+v0 = APIRouter(prefix="/v0", dependencies=[Depends(require_api_key)])
+ns = APIRouter(prefix="/namespace/{namespace_name}")
+
+
+# -- nodes and namespaces ---------------------------------------------------------
+
+
+@v0.get("/namespaces", tags=["namespaces"])
+async def list_namespaces(ctx: ContextDep) -> schemas.NamespacesResponse:
+    names = await graphs.list_namespaces(ctx)
+    return schemas.NamespacesResponse(namespaces=names, count=len(names))
+
+
+@ns.put("/nodes/", tags=["nodes"])
+async def register_nodes(
+    namespace_name: str, body: schemas.RegisterNodesRequest, ctx: ContextDep
+) -> schemas.RegisterNodesResponse:
+    await graphs.register_nodes(
+        ctx, namespace_name, body.runtime_name, [n.model_dump() for n in body.nodes]
+    )
+    return schemas.RegisterNodesResponse(
+        runtime_name=body.runtime_name, registered_nodes=body.nodes
+    )
+
+
+@ns.get("/nodes/", tags=["nodes"])
+async def list_nodes(namespace_name: str, ctx: ContextDep) -> schemas.ListNodesResponse:
+    rows = await graphs.list_nodes(ctx, namespace_name)
+    nodes = [
+        schemas.RegisteredNodeDocument(
+            **{**row, "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+        )
+        for row in rows
+    ]
+    return schemas.ListNodesResponse(namespace=namespace_name, count=len(nodes), nodes=nodes)
+
+
+# -- graph templates ----------------------------------------------------------------
+
+
+def _graph_fields(template: TemplateRow) -> dict[str, Any]:
+    spec = GraphSpec.model_validate(template.spec)
+    return {
+        "nodes": spec.nodes,
+        "secrets": dict.fromkeys(template.secrets, True),
+        "retry_policy": spec.retry_policy,
+        "store_config": spec.store_config,
+        "triggers": spec.triggers,
+        "created_at": iso(template.created_at),
+        "updated_at": iso(template.updated_at),
+        "validation_status": template.validation_status,
+        "validation_errors": template.validation_errors,
+    }
+
+
+@ns.put("/graph/{graph_name}", status_code=status.HTTP_201_CREATED, tags=["graphs"])
+async def upsert_graph(
+    namespace_name: str, graph_name: str, body: schemas.UpsertGraphRequest, ctx: ContextDep
+) -> schemas.GraphResponse:
+    spec = GraphSpec(
+        nodes=body.nodes,
+        retry_policy=body.retry_policy,
+        store_config=body.store_config,
+        triggers=body.triggers,
+    )
+    template = await graphs.upsert_graph(ctx, namespace_name, graph_name, spec, body.secrets)
+    return schemas.GraphResponse(**_graph_fields(template))
+
+
+@ns.get("/graph/{graph_name}", tags=["graphs"])
+async def get_graph(namespace_name: str, graph_name: str, ctx: ContextDep) -> schemas.GraphResponse:
+    template = await graphs.get_graph(ctx, namespace_name, graph_name)
+    return schemas.GraphResponse(**_graph_fields(template))
+
+
+@ns.get("/graphs/", tags=["graphs"])
+async def list_graphs(namespace_name: str, ctx: ContextDep) -> schemas.ListGraphsResponse:
+    templates = [
+        schemas.GraphDocument(id=t.id, name=t.name, namespace=t.namespace, **_graph_fields(t))
+        for t in await graphs.list_graphs(ctx, namespace_name)
+    ]
+    return schemas.ListGraphsResponse(
+        namespace=namespace_name, count=len(templates), templates=templates
+    )
+
+
+@ns.post("/graph/{graph_name}/trigger", tags=["runs"])
+async def trigger_graph(
+    namespace_name: str, graph_name: str, body: schemas.TriggerRequest, ctx: ContextDep
+) -> schemas.TriggerResponse:
+    run_id = await runs.trigger(
+        ctx, namespace_name, graph_name, body.store, body.inputs, body.start_delay
+    )
+    return schemas.TriggerResponse(run_id=run_id)
+
+
+# -- states -------------------------------------------------------------------------
+
+
+@ns.post("/states/enqueue", tags=["states"])
+async def enqueue_states(
+    namespace_name: str, body: schemas.EnqueueRequest, ctx: ContextDep
+) -> schemas.EnqueueResponse:
+    claimed = await states.enqueue(ctx, namespace_name, body.nodes, body.batch_size, body.wait_ms)
+    return schemas.EnqueueResponse(
+        count=len(claimed),
+        namespace=namespace_name,
+        states=[
+            schemas.EnqueuedState(
+                state_id=s.id,
+                node_name=s.node_name,
+                identifier=s.identifier,
+                inputs=s.inputs,
+                created_at=iso(s.created_at),
+            )
+            for s in claimed
+        ],
+    )
+
+
+@ns.post("/state/{state_id}/executed", tags=["states"])
+async def executed_state(
+    namespace_name: str, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
+) -> schemas.ExecutedResponse:
+    await states.executed(ctx, namespace_name, state_id, body.outputs)
+    return schemas.ExecutedResponse()
+
+
+@ns.post("/state/{state_id}/errored", tags=["states"])
+async def errored_state(
+    namespace_name: str, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
+) -> schemas.ErroredResponse:
+    result = await states.errored(ctx, namespace_name, state_id, body.error)
+    return schemas.ErroredResponse(status=result.status, retry_created=result.retry_created)
+
+
+@ns.post("/state/{state_id}/prune", tags=["states"])
+async def prune_state(
+    namespace_name: str, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
+) -> schemas.PruneResponse:
+    enqueue_after = await states.prune(ctx, namespace_name, state_id, body.data)
+    return schemas.PruneResponse(enqueue_after=enqueue_after)
+
+
+@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"])
+async def re_enqueue_after(
+    namespace_name: str, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
+) -> schemas.ReEnqueueAfterResponse:
+    enqueue_after = await states.requeue_after(ctx, namespace_name, state_id, body.enqueue_after)
+    return schemas.ReEnqueueAfterResponse(enqueue_after=enqueue_after)
+
+
+@ns.post("/state/{state_id}/manual-retry", tags=["states"])
+async def manual_retry(
+    namespace_name: str, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
+) -> schemas.ManualRetryResponse:
+    new_id = await states.manual_retry(ctx, namespace_name, state_id, body.fanout_id)
+    return schemas.ManualRetryResponse(id=new_id)
+
+
+@ns.post("/state/{state_id}/heartbeat", tags=["states"])
+async def heartbeat(
+    namespace_name: str, state_id: str, ctx: ContextDep
+) -> schemas.HeartbeatResponse:
+    until = await states.heartbeat(ctx, namespace_name, state_id)
+    return schemas.HeartbeatResponse(lease_expires_at=until)
+
+
+@ns.get("/state/{state_id}/secrets", tags=["states"])
+async def get_secrets(
+    namespace_name: str, state_id: str, ctx: ContextDep
+) -> schemas.SecretsResponse:
+    return schemas.SecretsResponse(secrets=await states.secrets_for(ctx, namespace_name, state_id))
+
+
+# -- runs ---------------------------------------------------------------------------
+
+
+@ns.get("/runs/{page}/{size}", tags=["runs"])
+async def list_runs(
+    namespace_name: str, page: int, size: int, ctx: ContextDep
+) -> schemas.RunsResponse:
+    if page < 1:
+        raise InvalidRequest("page must be at least 1")
+    if not 1 <= size <= ctx.settings.max_page_size:
+        raise InvalidRequest(f"size must be between 1 and {ctx.settings.max_page_size}")
+    total, summaries = await runs.list_runs(ctx, namespace_name, page, size)
+    return schemas.RunsResponse(
+        namespace=namespace_name,
+        total=total,
+        page=page,
+        size=size,
+        runs=[
+            schemas.RunListItem(
+                run_id=s.run_id,
+                graph_name=s.graph_name,
+                success_count=s.success_count,
+                pending_count=s.pending_count,
+                errored_count=s.errored_count,
+                retried_count=s.retried_count,
+                total_count=s.total_count,
+                status=s.status,
+                created_at=iso(s.created_at),
+            )
+            for s in summaries
+        ],
+    )
+
+
+def _graph_node(state: StateRow) -> schemas.GraphNode:
+    return schemas.GraphNode(
+        id=state.id,
+        node_name=state.node_name,
+        identifier=state.identifier,
+        status=state.status,  # type: ignore[arg-type]
+        error=state.error,
+    )
+
+
+@ns.get("/states/run/{run_id}/graph", tags=["runs"])
+async def run_graph(namespace_name: str, run_id: str, ctx: ContextDep) -> schemas.RunGraphResponse:
+    found = await runs.run_states(ctx, namespace_name, run_id)
+    ids = {s.id for s in found}
+    edges = [
+        schemas.GraphEdge(source=list(s.parents.values())[-1], target=s.id)
+        for s in found
+        if s.parents and list(s.parents.values())[-1] in ids
+    ]
+    nodes = [_graph_node(s) for s in found]
+    return schemas.RunGraphResponse(
+        root_states=[_graph_node(s) for s in found if not s.parents],
+        graph_name=found[0].graph_name if found else "",
+        nodes=nodes,
+        edges=edges,
+        node_count=len(nodes),
+        edge_count=len(edges),
+        execution_summary=runs.summary_of(found),
+    )
+
+
+@ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"])
+async def node_run_details(
+    namespace_name: str, graph_name: str, run_id: str, node_id: str, ctx: ContextDep
+) -> schemas.NodeRunDetails:
+    state = await runs.node_details(ctx, namespace_name, graph_name, run_id, node_id)
+    return schemas.NodeRunDetails(
+        id=state.id,
+        node_name=state.node_name,
+        identifier=state.identifier,
+        graph_name=state.graph_name,
+        run_id=state.run_id,
+        status=state.status,  # type: ignore[arg-type]
+        inputs=state.inputs,
+        outputs=state.outputs,
+        error=state.error,
+        parents=state.parents,
+        created_at=iso(state.created_at),
+        updated_at=iso(state.updated_at),
+    )
+
+
+v0.include_router(ns)

@@ -1,0 +1,258 @@
+"""Request and response bodies of the v0 API (field names are part of the wire contract)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from state_manager.domain.models import (
+    NodeTemplate,
+    RetryPolicy,
+    RunStatus,
+    StateStatus,
+    StoreConfig,
+    Trigger,
+    ValidationStatus,
+)
+
+
+class Body(BaseModel):
+    """Request bodies tolerate extra fields (older and newer clients send some)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- nodes ------------------------------------------------------------------------
+
+
+class NodeRegistration(Body):
+    name: str
+    inputs_schema: dict[str, Any]
+    outputs_schema: dict[str, Any]
+    secrets: list[str]
+
+
+class RegisterNodesRequest(Body):
+    runtime_name: str
+    nodes: list[NodeRegistration]
+
+
+class RegisterNodesResponse(BaseModel):
+    runtime_name: str
+    registered_nodes: list[NodeRegistration]
+
+
+class RegisteredNodeDocument(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str = Field(serialization_alias="_id")
+    created_at: str
+    updated_at: str
+    name: str
+    namespace: str
+    runtime_name: str
+    runtime_namespace: str
+    inputs_schema: dict[str, Any]
+    outputs_schema: dict[str, Any]
+    secrets: list[str]
+
+
+class ListNodesResponse(BaseModel):
+    namespace: str
+    count: int
+    nodes: list[RegisteredNodeDocument]
+
+
+class NamespacesResponse(BaseModel):
+    namespaces: list[str]
+    count: int
+
+
+# -- graphs -----------------------------------------------------------------------
+
+
+class UpsertGraphRequest(Body):
+    secrets: dict[str, str]
+    nodes: list[NodeTemplate]
+    retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
+    store_config: StoreConfig = Field(default_factory=StoreConfig)
+    triggers: list[Trigger] = Field(default_factory=list)
+
+
+class GraphResponse(BaseModel):
+    nodes: list[NodeTemplate]
+    secrets: dict[str, bool]
+    retry_policy: RetryPolicy
+    store_config: StoreConfig
+    triggers: list[Trigger]
+    created_at: str
+    updated_at: str
+    validation_status: ValidationStatus
+    validation_errors: list[str]
+
+
+class GraphDocument(GraphResponse):
+    """A stored template as listed by ``GET /graphs/``: secrets shown as flags only."""
+
+    id: str = Field(serialization_alias="_id")
+    name: str
+    namespace: str
+
+
+class ListGraphsResponse(BaseModel):
+    namespace: str
+    count: int
+    templates: list[GraphDocument]
+
+
+# -- runs -------------------------------------------------------------------------
+
+
+class TriggerRequest(Body):
+    store: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    start_delay: int = Field(default=0, ge=0)
+
+
+class TriggerResponse(BaseModel):
+    status: Literal["CREATED"] = "CREATED"
+    run_id: str
+
+
+class RunListItem(BaseModel):
+    run_id: str
+    graph_name: str
+    success_count: int
+    pending_count: int
+    errored_count: int
+    retried_count: int
+    total_count: int
+    status: RunStatus
+    created_at: str
+
+
+class RunsResponse(BaseModel):
+    namespace: str
+    total: int
+    page: int
+    size: int
+    runs: list[RunListItem]
+
+
+class GraphNode(BaseModel):
+    id: str
+    node_name: str
+    identifier: str
+    status: StateStatus
+    error: str | None
+
+
+class GraphEdge(BaseModel):
+    source: str
+    target: str
+
+
+class RunGraphResponse(BaseModel):
+    root_states: list[GraphNode]
+    graph_name: str
+    nodes: list[GraphNode]
+    edges: list[GraphEdge]
+    node_count: int
+    edge_count: int
+    execution_summary: dict[str, int]
+
+
+class NodeRunDetails(BaseModel):
+    id: str
+    node_name: str
+    identifier: str
+    graph_name: str
+    run_id: str
+    status: StateStatus
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    error: str | None
+    parents: dict[str, str]
+    created_at: str
+    updated_at: str
+
+
+# -- states -----------------------------------------------------------------------
+
+
+class EnqueueRequest(Body):
+    nodes: list[str]
+    batch_size: int
+    wait_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Extension: hold the request up to this long until work is claimable.",
+    )
+
+
+class EnqueuedState(BaseModel):
+    state_id: str
+    node_name: str
+    identifier: str
+    inputs: dict[str, Any]
+    created_at: str
+
+
+class EnqueueResponse(BaseModel):
+    count: int
+    namespace: str
+    status: Literal["QUEUED"] = "QUEUED"
+    states: list[EnqueuedState]
+
+
+class ExecutedRequest(Body):
+    outputs: list[dict[str, Any]]
+
+
+class ExecutedResponse(BaseModel):
+    status: Literal["EXECUTED"] = "EXECUTED"
+
+
+class ErroredRequest(Body):
+    error: str
+
+
+class ErroredResponse(BaseModel):
+    status: StateStatus
+    retry_created: bool
+
+
+class PruneRequest(Body):
+    data: dict[str, Any]
+
+
+class PruneResponse(BaseModel):
+    enqueue_after: int
+    status: Literal["PRUNED"] = "PRUNED"
+
+
+class ReEnqueueAfterRequest(Body):
+    enqueue_after: int = Field(gt=0, description="Delay in milliseconds, relative to now.")
+
+
+class ReEnqueueAfterResponse(BaseModel):
+    enqueue_after: int
+    status: Literal["CREATED"] = "CREATED"
+
+
+class ManualRetryRequest(Body):
+    fanout_id: str = Field(min_length=1, max_length=64)
+
+
+class ManualRetryResponse(BaseModel):
+    id: str
+    status: Literal["CREATED"] = "CREATED"
+
+
+class HeartbeatResponse(BaseModel):
+    lease_expires_at: int
+
+
+class SecretsResponse(BaseModel):
+    secrets: dict[str, str]

@@ -1,0 +1,132 @@
+"""The application factory: ``create_app(settings)`` builds a ready-to-serve FastAPI app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from state_manager import __version__
+from state_manager.api.middleware import RequestContextMiddleware
+from state_manager.api.routes import v0
+from state_manager.background import loops
+from state_manager.crypto import SecretBox, SecretDecryptionError
+from state_manager.errors import DatabaseNotMigrated, StateManagerError
+from state_manager.metrics import Metrics
+from state_manager.services.context import Context
+from state_manager.settings import Settings
+from state_manager.store.database import Database
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
+    """Build the app. The database is opened (and migrated if allowed) at start-up."""
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.resolved_database_url)
+        try:
+            if settings.auto_migrate:
+                await db.migrate()
+            await db.check_migrated()
+        except BaseException:
+            await db.close()
+            raise
+        context = Context(
+            db=db,
+            settings=settings,
+            box=SecretBox(settings.secrets_encryption_key),
+            metrics=metrics,
+        )
+        db.on_work = context.notifier.notify
+        await db.start_listening()
+        app.state.context = context
+        tasks = loops.start(context) if run_background else []
+        logger.info(
+            "state manager ready",
+            extra={"database": db.dialect, "mode": settings.mode.value},
+        )
+        try:
+            yield
+        finally:
+            await loops.stop(tasks)
+            await db.close()
+
+    app = FastAPI(
+        title="Exosphere State Manager",
+        version=__version__,
+        lifespan=lifespan,
+        description="Durable workflow state manager, wire-compatible with the Exosphere v0 API.",
+    )
+
+    @app.exception_handler(StateManagerError)
+    async def _domain_error(_request: Request, exc: StateManagerError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(SecretDecryptionError)
+    async def _secret_error(_request: Request, exc: SecretDecryptionError) -> JSONResponse:
+        logger.error("a stored secret could not be decrypted; is SECRETS_ENCRYPTION_KEY right?")
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        return {"message": "OK"}
+
+    @app.get("/ready", tags=["operations"])
+    async def ready(request: Request) -> JSONResponse:
+        context: Context | None = getattr(request.app.state, "context", None)
+        if context is None:
+            return JSONResponse({"ready": False, "detail": "starting"}, status_code=503)
+        try:
+            await context.db.check_migrated()
+        except DatabaseNotMigrated as exc:
+            return JSONResponse({"ready": False, "detail": exc.detail}, status_code=503)
+        except Exception as exc:
+            return JSONResponse(
+                {"ready": False, "detail": f"database unreachable: {type(exc).__name__}"},
+                status_code=503,
+            )
+        return JSONResponse({"ready": True})
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics_endpoint(request: Request) -> Response:
+        context: Context = request.app.state.context
+        async with context.db.read() as tx:
+            counts = await tx.count_states()
+            backlog = await tx.claimable_backlog(context.clock())
+        metrics.states.clear()
+        for (namespace, node, status), value in counts.items():
+            metrics.states.labels(namespace, node, status).set(value)
+        metrics.backlog.clear()
+        for (namespace, node), value in backlog.items():
+            metrics.backlog.labels(namespace, node).set(value)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(v0)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes
+    )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_credentials=True,
+        allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"],
+        allow_headers=[
+            "Accept",
+            "Accept-Language",
+            "Content-Language",
+            "Content-Type",
+            "X-API-Key",
+            "Authorization",
+            "X-Requested-With",
+            "X-Exosphere-Request-ID",
+        ],
+        expose_headers=["X-Exosphere-Request-ID"],
+    )
+    return app

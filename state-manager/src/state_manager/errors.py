@@ -1,0 +1,51 @@
+"""The domain's error hierarchy, mapped to HTTP statuses in one place (``api/errors.py``).
+
+::
+
+    StateManagerError
+    ├── NotFound            404
+    ├── InvalidRequest      400
+    ├── Conflict            409
+    ├── PayloadTooLarge     413
+    └── DatabaseNotMigrated (start-up and readiness only)
+"""
+
+from __future__ import annotations
+
+
+class StateManagerError(Exception):
+    """Base class; ``detail`` is safe to show to clients."""
+
+    status_code = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(StateManagerError):
+    status_code = 404
+
+
+class InvalidRequest(StateManagerError):
+    status_code = 400
+
+
+class Conflict(StateManagerError):
+    status_code = 409
+
+
+class PayloadTooLarge(StateManagerError):
+    status_code = 413
+
+
+class DatabaseNotMigrated(StateManagerError):
+    status_code = 503
+
+    def __init__(self, *, current: int, latest: int) -> None:
+        super().__init__(
+            f"database schema is at version {current}, this server needs {latest}; "
+            "run `state-manager migrate` (or start with --mode=development, which migrates)"
+        )
+        self.current = current
+        self.latest = latest

@@ -1,0 +1,143 @@
+"""What every service call needs: the database, settings, secret box, wake-ups, caches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+
+from state_manager.crypto import SecretBox
+from state_manager.domain import graph as graph_rules
+from state_manager.domain import templating
+from state_manager.domain.models import GraphSpec, NodeTemplate
+from state_manager.errors import NotFound
+from state_manager.metrics import Metrics
+from state_manager.settings import Settings
+from state_manager.store.database import Database
+from state_manager.store.queries import Tx, VersionRow
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso(ms: int) -> str:
+    """ISO-8601 UTC text for a millisecond timestamp."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+class WorkNotifier:
+    """Wakes long-polling claimers of a namespace when work may have become claimable."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def waiter(self, namespace: str) -> asyncio.Future[None]:
+        """Register interest *before* looking for work, so no notification is missed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(namespace, set()).add(future)
+        return future
+
+    def discard(self, namespace: str, future: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(namespace)
+        if waiters is not None:
+            waiters.discard(future)
+            if not waiters:
+                del self._waiters[namespace]
+        if not future.done():
+            future.cancel()
+
+    def notify(self, namespace: str) -> None:
+        for future in self._waiters.pop(namespace, set()):
+            if not future.done():
+                future.set_result(None)
+
+
+@dataclass(frozen=True)
+class CompiledGraph:
+    """An immutable validated graph version with everything precomputed for dispatch."""
+
+    version: VersionRow
+    spec: GraphSpec
+
+    @cached_property
+    def nodes(self) -> dict[str, NodeTemplate]:
+        return {node.identifier: node for node in self.spec.nodes}
+
+    @cached_property
+    def root(self) -> NodeTemplate:
+        return graph_rules.find_root(self.spec)
+
+    @cached_property
+    def uniting_by_target(self) -> dict[str, list[NodeTemplate]]:
+        return graph_rules.unites_targets(self.spec)
+
+    @cached_property
+    def parsed_inputs(self) -> dict[str, dict[str, templating.ParsedTemplate]]:
+        """Per identifier, the parsed template of each input the node receives."""
+        parsed: dict[str, dict[str, templating.ParsedTemplate]] = {}
+        for node in self.spec.nodes:
+            wanted = self.version.input_fields.get(node.identifier) or list(node.inputs)
+            parsed[node.identifier] = {
+                name: templating.parse(str(node.inputs[name]))
+                for name in wanted
+                if name in node.inputs
+            }
+        return parsed
+
+    def node(self, identifier: str) -> NodeTemplate:
+        try:
+            return self.nodes[identifier]
+        except KeyError:
+            raise NotFound(f"Node {identifier} is not part of graph version") from None
+
+
+class GraphCache:
+    """Compiled graph versions by id (versions never change, so entries never go stale)."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._entries: OrderedDict[str, CompiledGraph] = OrderedDict()
+        self._run_versions: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+
+    async def for_version(self, tx: Tx, version_id: str) -> CompiledGraph:
+        graph = self._entries.get(version_id)
+        if graph is None:
+            row = await tx.get_version(version_id)
+            if row is None:
+                raise NotFound(f"Graph version {version_id} not found")
+            graph = CompiledGraph(version=row, spec=GraphSpec.model_validate(row.spec))
+            self._entries[version_id] = graph
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        return graph
+
+    async def for_run(self, tx: Tx, run_id: str) -> CompiledGraph:
+        version_id = self._run_versions.get(run_id)
+        if version_id is None:
+            run = await tx.get_run(run_id)
+            if run is None:
+                raise NotFound(f"Run {run_id} not found")
+            version_id = str(run["version_id"])
+            self._run_versions[run_id] = version_id
+            if len(self._run_versions) > self._capacity * 64:
+                self._run_versions.popitem(last=False)
+        return await self.for_version(tx, version_id)
+
+
+@dataclass
+class Context:
+    """The dependencies of the service layer, built once per process."""
+
+    db: Database
+    settings: Settings
+    box: SecretBox
+    metrics: Metrics
+    notifier: WorkNotifier = field(default_factory=WorkNotifier)
+    graphs: GraphCache = field(default_factory=GraphCache)
+    clock: Callable[[], int] = now_ms
+    validation_wakeup: asyncio.Event = field(default_factory=asyncio.Event)

@@ -1,0 +1,311 @@
+"""Making progress through a graph: new state rows, successors, and fan-in groups.
+
+All of it runs inside the caller's write transaction, so a report, the states it
+creates and the fan-in bookkeeping commit together or not at all.
+
+Fan-in: when a state of an identifier that some node ``unites`` on reports
+``executed``, it opens a *group* (the state and the siblings created by the same
+report). Each state records, in ``groups``, the group it descends from for each
+such identifier. A group row counts its descendants that are pending and failed;
+every status change adjusts the counters of the changed state's groups, so the
+cost of finishing a branch does not depend on the width of the fan-out. When a
+group has no pending descendant, its uniting nodes are created, once each: the
+state fingerprint is unique.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from state_manager.domain import buckets, templating
+from state_manager.domain.fingerprint import fingerprint
+from state_manager.domain.ids import new_object_id
+from state_manager.domain.models import NodeTemplate, StateStatus
+from state_manager.services.context import CompiledGraph
+from state_manager.store.queries import StateRow, Tx
+
+
+def state_row(
+    *,
+    namespace: str,
+    graph_name: str,
+    run_id: str,
+    node: NodeTemplate,
+    inputs: Mapping[str, str],
+    parents: Mapping[str, str],
+    groups: Mapping[str, str],
+    now: int,
+    status: StateStatus = StateStatus.CREATED,
+    enqueue_after: int | None = None,
+    retry_count: int = 0,
+    fanout_id: str | None = None,
+    manual_retry_fanout_id: str = "",
+    outputs: Mapping[str, Any] | None = None,
+    error: str | None = None,
+    group_id: str | None = None,
+    state_id: str | None = None,
+) -> dict[str, Any]:
+    """A complete row for a new state."""
+    state_id = state_id or new_object_id()
+    does_unites = node.unites is not None
+    row: dict[str, Any] = {
+        "id": state_id,
+        "namespace": namespace,
+        "node_name": node.node_name,
+        "identifier": node.identifier,
+        "graph_name": graph_name,
+        "run_id": run_id,
+        "status": status.value,
+        "inputs": dict(inputs),
+        "outputs": dict(outputs or {}),
+        "data": {},
+        "error": error,
+        "parents": dict(parents),
+        "groups": dict(groups),
+        "group_id": group_id or state_id,
+        "does_unites": does_unites,
+        "state_fingerprint": None,
+        "enqueue_after": now if enqueue_after is None else enqueue_after,
+        "retry_count": retry_count,
+        "fanout_id": fanout_id or str(uuid.uuid4()),
+        "manual_retry_fanout_id": manual_retry_fanout_id,
+        "lease_expires_at": None,
+        "claimed_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if does_unites:
+        row["state_fingerprint"] = fingerprint(
+            {
+                "node_name": row["node_name"],
+                "namespace_name": namespace,
+                "identifier": row["identifier"],
+                "graph_name": graph_name,
+                "run_id": run_id,
+                "retry_count": retry_count,
+                "parents": row["parents"],
+                "manual_retry_fanout_id": manual_retry_fanout_id,
+            }
+        )
+    return row
+
+
+def copy_for_retry(
+    state: StateRow,
+    *,
+    now: int,
+    enqueue_after: int,
+    retry_count: int,
+    fanout_id: str,
+    manual_retry_fanout_id: str,
+    graph: CompiledGraph,
+) -> dict[str, Any]:
+    """A fresh CREATED state that runs ``state``'s node again with the same inputs."""
+    return state_row(
+        namespace=state.namespace,
+        graph_name=state.graph_name,
+        run_id=state.run_id,
+        node=graph.node(state.identifier),
+        inputs=state.inputs,
+        parents=state.parents,
+        groups=state.groups,
+        now=now,
+        enqueue_after=enqueue_after,
+        retry_count=retry_count,
+        fanout_id=fanout_id,
+        manual_retry_fanout_id=manual_retry_fanout_id,
+    )
+
+
+class Resolver:
+    """Resolves placeholders for states of one run, loading what it needs once."""
+
+    def __init__(self, tx: Tx, graph: CompiledGraph, run_id: str) -> None:
+        self._tx = tx
+        self._graph = graph
+        self._run_id = run_id
+        self._store: dict[str, str] | None = None
+        self._outputs: dict[str, dict[str, Any]] = {}
+
+    async def preload(
+        self, templates: Sequence[templating.ParsedTemplate], parents: Mapping[str, str]
+    ) -> None:
+        """Fetch the store and ancestor outputs the templates refer to, in two queries at most."""
+        refs = [ref for template in templates for ref in template.references()]
+        if self._store is None and any(isinstance(r, templating.StoreRef) for r in refs):
+            self._store = await self._tx.get_store(self._run_id)
+        wanted = {
+            parents[r.identifier]
+            for r in refs
+            if isinstance(r, templating.OutputRef)
+            and r.identifier in parents
+            and parents[r.identifier] not in self._outputs
+        }
+        if wanted:
+            for state_id, state in (await self._tx.get_states(wanted)).items():
+                self._outputs[state_id] = state.outputs
+
+    def render(
+        self,
+        templates: Mapping[str, templating.ParsedTemplate],
+        *,
+        own_identifier: str,
+        own_outputs: Mapping[str, Any],
+        parents: Mapping[str, str],
+    ) -> dict[str, str]:
+        def resolve(ref: templating.Placeholder) -> object:
+            if isinstance(ref, templating.StoreRef):
+                if self._store is not None and ref.key in self._store:
+                    return self._store[ref.key]
+                defaults = self._graph.spec.store_config.default_values
+                if ref.key in defaults:
+                    return defaults[ref.key]
+                raise templating.TemplateError(f"store key '{ref.key}' has no value in this run")
+            if ref.identifier == own_identifier:
+                outputs: Mapping[str, Any] = own_outputs
+            elif ref.identifier in parents:
+                outputs = self._outputs.get(parents[ref.identifier], {})
+            else:
+                raise templating.TemplateError(f"'{ref}' is not an ancestor of this state")
+            if ref.field not in outputs:
+                raise templating.TemplateError(f"output '{ref}' was not produced")
+            return outputs[ref.field]
+
+        return {name: templating.render(t, resolve) for name, t in templates.items()}
+
+
+@dataclass
+class GroupLedger:
+    """Counter changes for fan-in groups, applied deepest group first."""
+
+    changes: dict[str, list[int]] = field(default_factory=dict)
+    depth: dict[str, int] = field(default_factory=dict)
+
+    def add(
+        self, groups: Mapping[str, str], before: StateStatus | None, after: StateStatus
+    ) -> None:
+        pending, failed = buckets.delta(before, after)
+        if pending == 0 and failed == 0:
+            return
+        for position, group_id in enumerate(groups.values()):
+            entry = self.changes.setdefault(group_id, [0, 0])
+            entry[0] += pending
+            entry[1] += failed
+            self.depth[group_id] = max(self.depth.get(group_id, 0), position)
+
+    def open(self, group_id: str, depth: int) -> None:
+        """Make sure a newly opened group is checked even if nothing was added to it."""
+        self.changes.setdefault(group_id, [0, 0])
+        self.depth[group_id] = depth
+
+    def pop_deepest(self) -> tuple[str, int, int] | None:
+        if not self.changes:
+            return None
+        group_id = max(self.changes, key=lambda g: (self.depth[g], g))
+        pending, failed = self.changes.pop(group_id)
+        return group_id, pending, failed
+
+
+async def settle_groups(
+    tx: Tx, graph: CompiledGraph, ledger: GroupLedger, now: int, *, opened: set[str] | None = None
+) -> list[dict[str, Any]]:
+    """Apply the ledger and create uniting states for groups that finished.
+
+    Returns the uniting state rows that were inserted.
+    """
+    created: list[dict[str, Any]] = []
+    opened = opened or set()
+    while (item := ledger.pop_deepest()) is not None:
+        group_id, pending, failed = item
+        if pending == 0 and failed == 0 and group_id not in opened:
+            continue
+        counters = await tx.adjust_group(group_id, pending, failed)
+        if counters is None or counters[0] != 0:
+            continue
+        target = await tx.get_state(group_id)
+        if target is None:
+            continue
+        for uniting in graph.uniting_by_target.get(target.identifier, []):
+            assert uniting.unites is not None
+            if not buckets.ready(uniting.unites.strategy, counters[0], counters[1]):
+                continue
+            row = await _uniting_row(tx, graph, target, uniting, now)
+            if await tx.insert_state_unless_exists(row):
+                created.append(row)
+                ledger.add(row["groups"], None, StateStatus(row["status"]))
+    return created
+
+
+async def _uniting_row(
+    tx: Tx, graph: CompiledGraph, target: StateRow, uniting: NodeTemplate, now: int
+) -> dict[str, Any]:
+    """The state of ``uniting`` built from the target state that opened the group."""
+    templates = graph.parsed_inputs[uniting.identifier]
+    resolver = Resolver(tx, graph, target.run_id)
+    await resolver.preload(list(templates.values()), target.parents)
+    parents = {**target.parents, target.identifier: target.id}
+    common = {
+        "namespace": target.namespace,
+        "graph_name": target.graph_name,
+        "run_id": target.run_id,
+        "node": uniting,
+        "parents": parents,
+        "groups": target.groups,
+        "now": now,
+    }
+    try:
+        inputs = resolver.render(
+            templates,
+            own_identifier=target.identifier,
+            own_outputs=target.outputs,
+            parents=target.parents,
+        )
+    except templating.TemplateError as exc:
+        return state_row(**common, inputs={}, status=StateStatus.NEXT_CREATED_ERROR, error=str(exc))
+    return state_row(**common, inputs=inputs)
+
+
+def successor_rows(
+    graph: CompiledGraph,
+    resolver: Resolver,
+    member: Mapping[str, Any],
+    now: int,
+) -> list[dict[str, Any]]:
+    """CREATED states for every non-uniting successor of one executed state.
+
+    ``member`` is the executed state's row (or one of its siblings). Raises
+    :class:`templating.TemplateError` when an input cannot be rendered.
+    """
+    identifier = member["identifier"]
+    node = graph.node(identifier)
+    parents = {**member["parents"], identifier: member["id"]}
+    groups = dict(member["groups"])
+    if identifier in graph.uniting_by_target:
+        groups[identifier] = member["group_id"]
+    rows: list[dict[str, Any]] = []
+    for successor_id in node.successors():
+        successor = graph.node(successor_id)
+        if successor.unites is not None:
+            continue  # created by its group, not by an edge
+        inputs = resolver.render(
+            graph.parsed_inputs[successor_id],
+            own_identifier=identifier,
+            own_outputs=member["outputs"],
+            parents=member["parents"],
+        )
+        rows.append(
+            state_row(
+                namespace=member["namespace"],
+                graph_name=member["graph_name"],
+                run_id=member["run_id"],
+                node=successor,
+                inputs=inputs,
+                parents=parents,
+                groups=groups,
+                now=now,
+            )
+        )
+    return rows

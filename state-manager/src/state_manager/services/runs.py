@@ -1,0 +1,256 @@
+"""Use cases on runs: trigger, listing, run graph, node details, cron fires."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from state_manager.domain import cron, templating
+from state_manager.domain.ids import is_object_id, new_object_id
+from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus, ValidationStatus
+from state_manager.errors import InvalidRequest, NotFound, StateManagerError
+from state_manager.services.context import Context
+from state_manager.services.progress import state_row
+from state_manager.store.queries import StateRow, Tx
+
+logger = logging.getLogger(__name__)
+
+
+async def trigger(
+    ctx: Context,
+    namespace: str,
+    graph_name: str,
+    store: dict[str, str],
+    inputs: dict[str, str],
+    start_delay: int,
+    source: str = "api",
+) -> str:
+    """Start a run: the run record, its store and the root state, in one transaction."""
+    async with ctx.db.write() as tx:
+        run_id = await trigger_in(ctx, tx, namespace, graph_name, store, inputs, start_delay)
+    ctx.metrics.runs_triggered.labels(namespace, graph_name, source).inc()
+    return run_id
+
+
+async def trigger_in(
+    ctx: Context,
+    tx: Tx,
+    namespace: str,
+    graph_name: str,
+    store: dict[str, str],
+    inputs: dict[str, str],
+    start_delay: int,
+) -> str:
+    """:func:`trigger` inside an existing transaction (used by cron)."""
+    template = await tx.get_template(namespace, graph_name)
+    if template is None:
+        raise NotFound(f"Graph template {graph_name} not found in namespace {namespace}")
+    if template.validation_status != ValidationStatus.VALID or template.version_id is None:
+        raise InvalidRequest("Graph template is not valid")
+    graph = await ctx.graphs.for_version(tx, template.version_id)
+    root = graph.root
+    missing = [key for key in graph.spec.store_config.required_keys if key not in store]
+    if missing:
+        raise InvalidRequest(f"Missing store keys: {', '.join(missing)}")
+    defaults = graph.spec.store_config.default_values
+
+    def resolve(ref: templating.Placeholder) -> object:
+        if isinstance(ref, templating.StoreRef):
+            if ref.key in store:
+                return store[ref.key]
+            if ref.key in defaults:
+                return defaults[ref.key]
+            raise templating.TemplateError(f"store key '{ref.key}' has no value")
+        raise templating.TemplateError(f"the root node cannot use '{ref}'")
+
+    rendered: dict[str, str] = {}
+    try:
+        for name, template_input in graph.parsed_inputs[root.identifier].items():
+            # Values given at trigger time are literal text, not templates.
+            rendered[name] = (
+                inputs[name] if name in inputs else templating.render(template_input, resolve)
+            )
+    except templating.TemplateError as exc:
+        raise InvalidRequest(f"Invalid input: {exc}") from None
+    now = ctx.clock()
+    run_id = str(uuid.uuid4())
+    await tx.insert_run(
+        {
+            "run_id": run_id,
+            "namespace": namespace,
+            "graph_name": graph_name,
+            "version_id": template.version_id,
+            "created_at": now,
+        }
+    )
+    await tx.insert_store(run_id, store)
+    await tx.insert_states(
+        [
+            state_row(
+                namespace=namespace,
+                graph_name=graph_name,
+                run_id=run_id,
+                node=root,
+                inputs=rendered,
+                parents={},
+                groups={},
+                now=now,
+                enqueue_after=now + start_delay,
+            )
+        ]
+    )
+    return run_id
+
+
+# -- cron ---------------------------------------------------------------------------
+
+
+async def fire_due_trigger(ctx: Context) -> bool:
+    """Fire one due cron record, if any, and record the next fire time. True if one fired."""
+    now = ctx.clock()
+    retention = ctx.settings.trigger_retention_hours * 3_600_000
+    async with ctx.db.write() as tx:
+        record = await tx.claim_due_trigger(now)
+        if record is None:
+            return False
+        run_id: str | None = None
+        error: str | None = None
+        try:
+            async with tx.connection.begin_nested():
+                run_id = await trigger_in(ctx, tx, record.namespace, record.graph_name, {}, {}, 0)
+        except StateManagerError as exc:
+            error = exc.detail
+        status = TriggerStatus.TRIGGERED if error is None else TriggerStatus.FAILED
+        await tx.finish_trigger(record.id, status, now + retention, run_id, error)
+        template = await tx.get_template(record.namespace, record.graph_name)
+        still_declared = template is not None and any(
+            t.get("value", {}).get("expression") == record.expression
+            for t in template.spec.get("triggers", [])
+        )
+        if still_declared:
+            # The next time strictly after now: after downtime a missed time fires once.
+            after = datetime.fromtimestamp(max(now, record.trigger_time) / 1000, UTC)
+            next_at = int(cron.next_fire(record.expression, after).timestamp() * 1000)
+            await tx.insert_trigger(
+                {
+                    "id": new_object_id(),
+                    "namespace": record.namespace,
+                    "graph_name": record.graph_name,
+                    "expression": record.expression,
+                    "trigger_time": next_at,
+                    "trigger_status": TriggerStatus.PENDING.value,
+                    "expires_at": None,
+                    "run_id": None,
+                    "error": None,
+                }
+            )
+    ctx.metrics.cron_fires.labels(status.value.lower()).inc()
+    if run_id is not None:
+        ctx.metrics.runs_triggered.labels(record.namespace, record.graph_name, "cron").inc()
+    else:
+        logger.warning(
+            "cron trigger failed",
+            extra={"graph": record.graph_name, "namespace": record.namespace, "error": error},
+        )
+    return True
+
+
+async def purge_expired_triggers(ctx: Context) -> int:
+    async with ctx.db.write() as tx:
+        return await tx.delete_expired_triggers(ctx.clock())
+
+
+# -- views --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    graph_name: str
+    created_at: int
+    counts: dict[str, int]
+
+    def count(self, *statuses: StateStatus) -> int:
+        return sum(self.counts.get(s.value, 0) for s in statuses)
+
+    @property
+    def success_count(self) -> int:
+        return self.count(StateStatus.SUCCESS, StateStatus.PRUNED)
+
+    @property
+    def pending_count(self) -> int:
+        return self.count(StateStatus.CREATED, StateStatus.QUEUED, StateStatus.EXECUTED)
+
+    @property
+    def errored_count(self) -> int:
+        return self.count(StateStatus.ERRORED, StateStatus.NEXT_CREATED_ERROR)
+
+    @property
+    def retried_count(self) -> int:
+        return self.count(StateStatus.RETRY_CREATED)
+
+    @property
+    def total_count(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def status(self) -> RunStatus:
+        if self.pending_count > 0:
+            return RunStatus.PENDING
+        if self.errored_count > 0 or self.total_count == 0:
+            return RunStatus.FAILED
+        return RunStatus.SUCCESS
+
+
+async def list_runs(
+    ctx: Context, namespace: str, page: int, size: int
+) -> tuple[int, list[RunSummary]]:
+    async with ctx.db.read() as tx:
+        total = await tx.count_runs(namespace)
+        rows = await tx.list_runs(namespace, (page - 1) * size, size)
+        counts = await tx.status_counts([row["run_id"] for row in rows])
+    return total, [
+        RunSummary(
+            run_id=row["run_id"],
+            graph_name=row["graph_name"],
+            created_at=row["created_at"],
+            counts=counts[row["run_id"]],
+        )
+        for row in rows
+    ]
+
+
+async def run_states(ctx: Context, namespace: str, run_id: str) -> list[StateRow]:
+    async with ctx.db.read() as tx:
+        return await tx.run_states(run_id, namespace)
+
+
+async def node_details(
+    ctx: Context, namespace: str, graph_name: str, run_id: str, node_id: str
+) -> StateRow:
+    if not is_object_id(node_id):
+        raise InvalidRequest(f"Invalid node ID format: {node_id}")
+    async with ctx.db.read() as tx:
+        state = await tx.get_state(node_id)
+    if (
+        state is None
+        or state.namespace != namespace
+        or state.graph_name != graph_name
+        or state.run_id != run_id
+    ):
+        raise NotFound(
+            f"Node {node_id} not found in run {run_id} of graph {graph_name} "
+            f"in namespace {namespace}"
+        )
+    return state
+
+
+def summary_of(states: list[StateRow]) -> dict[str, Any]:
+    """Count per status, with every status present."""
+    summary = {status.value: 0 for status in StateStatus}
+    for state in states:
+        summary[state.status] = summary.get(state.status, 0) + 1
+    return summary

@@ -1,0 +1,560 @@
+"""Every query of the state manager, written once for both SQL dialects.
+
+A :class:`Tx` wraps one connection inside one transaction; services get one
+from ``Database.write()`` or ``Database.read()`` and never see SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
+from state_manager.store.tables import (
+    cron_triggers,
+    fanin_groups,
+    graph_templates,
+    graph_versions,
+    registered_nodes,
+    runs,
+    states,
+    store_entries,
+)
+
+
+@dataclass(frozen=True)
+class StateRow:
+    id: str
+    namespace: str
+    node_name: str
+    identifier: str
+    graph_name: str
+    run_id: str
+    status: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    data: dict[str, Any]
+    error: str | None
+    parents: dict[str, str]
+    groups: dict[str, str]
+    group_id: str
+    does_unites: bool
+    state_fingerprint: str | None
+    enqueue_after: int
+    retry_count: int
+    fanout_id: str
+    manual_retry_fanout_id: str
+    lease_expires_at: int | None
+    claimed_at: int | None
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StateRow:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    id: str
+    namespace: str
+    name: str
+    spec: dict[str, Any]
+    secrets: dict[str, str]
+    validation_status: str
+    validation_errors: list[str]
+    revision: int
+    version_id: str | None
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TemplateRow:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    id: str
+    namespace: str
+    graph_name: str
+    revision: int
+    spec: dict[str, Any]
+    input_fields: dict[str, list[str]]
+    created_at: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> VersionRow:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TriggerRow:
+    id: str
+    namespace: str
+    graph_name: str
+    expression: str
+    trigger_time: int
+    trigger_status: str
+
+
+class Tx:
+    """Typed queries over one connection in one transaction."""
+
+    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+        self.connection = connection
+        self.dialect = dialect
+        # Namespaces in which this transaction made work claimable (for wake-ups).
+        self.work_namespaces: set[str] = set()
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            return pg_dialect.insert(table)
+        return sqlite_dialect.insert(table)
+
+    async def _insert_ignoring_conflict(self, table: sa.Table, values: Mapping[str, Any]) -> bool:
+        """Insert one row unless it violates a unique constraint; True if inserted."""
+        try:
+            async with self.connection.begin_nested():
+                await self.connection.execute(table.insert().values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    # -- registered nodes ---------------------------------------------------------
+
+    async def upsert_registered_node(self, values: Mapping[str, Any]) -> None:
+        statement = self._insert(registered_nodes).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["namespace", "name"],
+            set_={
+                key: statement.excluded[key]
+                for key in (
+                    "runtime_name",
+                    "runtime_namespace",
+                    "inputs_schema",
+                    "outputs_schema",
+                    "secrets",
+                    "updated_at",
+                )
+            },
+        )
+        await self.connection.execute(statement)
+
+    async def list_registered_nodes(self, namespace: str) -> list[dict[str, Any]]:
+        result = await self.connection.execute(
+            sa.select(registered_nodes)
+            .where(registered_nodes.c.namespace == namespace)
+            .order_by(registered_nodes.c.name)
+        )
+        return [dict(row) for row in result.mappings()]
+
+    async def registered_nodes_for(
+        self, pairs: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        wanted = set(pairs)
+        if not wanted:
+            return {}
+        namespaces = {ns for _, ns in wanted}
+        result = await self.connection.execute(
+            sa.select(registered_nodes).where(registered_nodes.c.namespace.in_(namespaces))
+        )
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in result.mappings():
+            key = (row["name"], row["namespace"])
+            if key in wanted:
+                found[key] = dict(row)
+        return found
+
+    async def list_namespaces(self) -> list[str]:
+        result = await self.connection.execute(
+            sa.select(registered_nodes.c.namespace)
+            .where(registered_nodes.c.namespace != "")
+            .distinct()
+            .order_by(registered_nodes.c.namespace)
+        )
+        return [row[0] for row in result]
+
+    # -- graph templates ----------------------------------------------------------
+
+    async def get_template(self, namespace: str, name: str) -> TemplateRow | None:
+        result = await self.connection.execute(
+            sa.select(graph_templates).where(
+                graph_templates.c.namespace == namespace, graph_templates.c.name == name
+            )
+        )
+        row = result.mappings().first()
+        return TemplateRow.from_row(row) if row else None
+
+    async def save_template(self, values: Mapping[str, Any]) -> TemplateRow:
+        """Insert or replace a template by (namespace, name); bumps ``revision``."""
+        statement = self._insert(graph_templates).values(**values, revision=1)
+        statement = statement.on_conflict_do_update(
+            index_elements=["namespace", "name"],
+            set_={
+                "spec": statement.excluded.spec,
+                "secrets": statement.excluded.secrets,
+                "validation_status": statement.excluded.validation_status,
+                "validation_errors": statement.excluded.validation_errors,
+                "updated_at": statement.excluded.updated_at,
+                "revision": graph_templates.c.revision + 1,
+            },
+        ).returning(*graph_templates.c)
+        result = await self.connection.execute(statement)
+        return TemplateRow.from_row(result.mappings().one())
+
+    async def list_templates(self, namespace: str) -> list[TemplateRow]:
+        result = await self.connection.execute(
+            sa.select(graph_templates)
+            .where(graph_templates.c.namespace == namespace)
+            .order_by(graph_templates.c.name)
+        )
+        return [TemplateRow.from_row(row) for row in result.mappings()]
+
+    async def pending_templates(self, limit: int) -> list[TemplateRow]:
+        result = await self.connection.execute(
+            sa.select(graph_templates)
+            .where(graph_templates.c.validation_status == ValidationStatus.PENDING.value)
+            .order_by(graph_templates.c.updated_at)
+            .limit(limit)
+        )
+        return [TemplateRow.from_row(row) for row in result.mappings()]
+
+    async def finish_validation(
+        self,
+        template_id: str,
+        revision: int,
+        status: ValidationStatus,
+        errors: list[str],
+        version_id: str | None,
+        now: int,
+    ) -> bool:
+        """Record a validation outcome unless the template changed meanwhile."""
+        values: dict[str, Any] = {
+            "validation_status": status.value,
+            "validation_errors": errors,
+            "updated_at": now,
+        }
+        if version_id is not None:
+            values["version_id"] = version_id
+        result = await self.connection.execute(
+            graph_templates.update()
+            .where(
+                graph_templates.c.id == template_id,
+                graph_templates.c.revision == revision,
+                graph_templates.c.validation_status == ValidationStatus.PENDING.value,
+            )
+            .values(**values)
+        )
+        return bool(result.rowcount)
+
+    async def insert_version(self, values: Mapping[str, Any]) -> None:
+        await self._insert_ignoring_conflict(graph_versions, values)
+
+    async def get_version(self, version_id: str) -> VersionRow | None:
+        result = await self.connection.execute(
+            sa.select(graph_versions).where(graph_versions.c.id == version_id)
+        )
+        row = result.mappings().first()
+        return VersionRow.from_row(row) if row else None
+
+    async def get_version_by_revision(
+        self, namespace: str, graph_name: str, revision: int
+    ) -> VersionRow | None:
+        result = await self.connection.execute(
+            sa.select(graph_versions).where(
+                graph_versions.c.namespace == namespace,
+                graph_versions.c.graph_name == graph_name,
+                graph_versions.c.revision == revision,
+            )
+        )
+        row = result.mappings().first()
+        return VersionRow.from_row(row) if row else None
+
+    # -- runs and stores ----------------------------------------------------------
+
+    async def insert_run(self, values: Mapping[str, Any]) -> None:
+        await self.connection.execute(runs.insert().values(**values))
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        result = await self.connection.execute(sa.select(runs).where(runs.c.run_id == run_id))
+        row = result.mappings().first()
+        return dict(row) if row else None
+
+    async def insert_store(self, run_id: str, store: Mapping[str, str]) -> None:
+        if store:
+            await self.connection.execute(
+                store_entries.insert(),
+                [{"run_id": run_id, "key": k, "value": v} for k, v in store.items()],
+            )
+
+    async def get_store(self, run_id: str) -> dict[str, str]:
+        result = await self.connection.execute(
+            sa.select(store_entries.c.key, store_entries.c.value).where(
+                store_entries.c.run_id == run_id
+            )
+        )
+        return {row.key: row.value for row in result}
+
+    async def count_runs(self, namespace: str) -> int:
+        value = await self.connection.scalar(
+            sa.select(sa.func.count()).select_from(runs).where(runs.c.namespace == namespace)
+        )
+        return int(value or 0)
+
+    async def list_runs(self, namespace: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        result = await self.connection.execute(
+            sa.select(runs)
+            .where(runs.c.namespace == namespace)
+            .order_by(runs.c.created_at.desc(), runs.c.run_id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        return [dict(row) for row in result.mappings()]
+
+    async def status_counts(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
+        if not run_ids:
+            return counts
+        result = await self.connection.execute(
+            sa.select(states.c.run_id, states.c.status, sa.func.count())
+            .where(states.c.run_id.in_(run_ids))
+            .group_by(states.c.run_id, states.c.status)
+        )
+        for run_id, status, count in result:
+            counts[run_id][status] = int(count)
+        return counts
+
+    # -- states -------------------------------------------------------------------
+
+    async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            await self.connection.execute(states.insert(), [dict(r) for r in rows])
+            self._note_work(rows)
+
+    async def insert_state_unless_exists(self, row: Mapping[str, Any]) -> bool:
+        """Insert a state unless a unique key (retry key, fingerprint) already holds it."""
+        inserted = await self._insert_ignoring_conflict(states, row)
+        if inserted:
+            self._note_work([row])
+        return inserted
+
+    def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            if row["status"] == StateStatus.CREATED.value:
+                self.work_namespaces.add(row["namespace"])
+
+    async def get_state(self, state_id: str) -> StateRow | None:
+        result = await self.connection.execute(sa.select(states).where(states.c.id == state_id))
+        row = result.mappings().first()
+        return StateRow.from_row(row) if row else None
+
+    async def get_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]:
+        ids = list(set(state_ids))
+        if not ids:
+            return {}
+        result = await self.connection.execute(sa.select(states).where(states.c.id.in_(ids)))
+        return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
+
+    async def transition(
+        self, state_id: str, from_statuses: Iterable[StateStatus], values: Mapping[str, Any]
+    ) -> StateRow | None:
+        """Compare-and-set: update the state only if its status is one of ``from_statuses``."""
+        allowed = [s.value for s in from_statuses]
+        result = await self.connection.execute(
+            states.update()
+            .where(states.c.id == state_id, states.c.status.in_(allowed))
+            .values(**values)
+            .returning(*states.c)
+        )
+        row = result.mappings().first()
+        if row is None:
+            return None
+        state = StateRow.from_row(row)
+        if state.status == StateStatus.CREATED.value:
+            self.work_namespaces.add(state.namespace)
+        return state
+
+    async def claim(
+        self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
+    ) -> list[StateRow]:
+        """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
+        candidates = (
+            sa.select(states.c.id)
+            .where(
+                states.c.namespace == namespace,
+                states.c.status == StateStatus.CREATED.value,
+                states.c.node_name.in_(list(node_names)),
+                states.c.enqueue_after <= now,
+            )
+            .order_by(states.c.enqueue_after)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        result = await self.connection.execute(
+            states.update()
+            .where(states.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                status=StateStatus.QUEUED.value,
+                claimed_at=now,
+                lease_expires_at=lease_until,
+                updated_at=now,
+            )
+            .returning(*states.c)
+        )
+        claimed = [StateRow.from_row(row) for row in result.mappings()]
+        claimed.sort(key=lambda s: (s.enqueue_after, s.id))
+        return claimed
+
+    async def next_claimable_at(self, namespace: str, node_names: Sequence[str]) -> int | None:
+        """The earliest ``enqueue_after`` among waiting states of these nodes."""
+        value = await self.connection.scalar(
+            sa.select(sa.func.min(states.c.enqueue_after)).where(
+                states.c.namespace == namespace,
+                states.c.status == StateStatus.CREATED.value,
+                states.c.node_name.in_(list(node_names)),
+            )
+        )
+        return int(value) if value is not None else None
+
+    async def expired_leases(self, now: int, limit: int) -> list[str]:
+        result = await self.connection.execute(
+            sa.select(states.c.id)
+            .where(states.c.status == StateStatus.QUEUED.value, states.c.lease_expires_at < now)
+            .order_by(states.c.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [row[0] for row in result]
+
+    async def run_states(self, run_id: str, namespace: str) -> list[StateRow]:
+        result = await self.connection.execute(
+            sa.select(states)
+            .where(states.c.run_id == run_id, states.c.namespace == namespace)
+            .order_by(states.c.created_at, states.c.id)
+        )
+        return [StateRow.from_row(row) for row in result.mappings()]
+
+    async def count_states(self, namespace: str | None = None) -> dict[tuple[str, str, str], int]:
+        """Count states by (namespace, node_name, status), for metrics."""
+        query = sa.select(
+            states.c.namespace, states.c.node_name, states.c.status, sa.func.count()
+        ).group_by(states.c.namespace, states.c.node_name, states.c.status)
+        if namespace is not None:
+            query = query.where(states.c.namespace == namespace)
+        result = await self.connection.execute(query)
+        return {(ns, node, status): int(n) for ns, node, status, n in result}
+
+    async def claimable_backlog(self, now: int) -> dict[tuple[str, str], int]:
+        result = await self.connection.execute(
+            sa.select(states.c.namespace, states.c.node_name, sa.func.count())
+            .where(states.c.status == StateStatus.CREATED.value, states.c.enqueue_after <= now)
+            .group_by(states.c.namespace, states.c.node_name)
+        )
+        return {(ns, node): int(n) for ns, node, n in result}
+
+    # -- fan-in groups ------------------------------------------------------------
+
+    async def create_group(self, group_id: str, run_id: str, identifier: str, pending: int) -> None:
+        await self.connection.execute(
+            fanin_groups.insert().values(
+                group_id=group_id, run_id=run_id, identifier=identifier, pending=pending, failed=0
+            )
+        )
+
+    async def adjust_group(
+        self, group_id: str, pending: int, failed: int
+    ) -> tuple[int, int] | None:
+        """Add to a group's counters and return them (pending, failed) after the change."""
+        result = await self.connection.execute(
+            fanin_groups.update()
+            .where(fanin_groups.c.group_id == group_id)
+            .values(pending=fanin_groups.c.pending + pending, failed=fanin_groups.c.failed + failed)
+            .returning(fanin_groups.c.pending, fanin_groups.c.failed)
+        )
+        row = result.first()
+        return (int(row[0]), int(row[1])) if row else None
+
+    # -- cron triggers ------------------------------------------------------------
+
+    async def delete_pending_triggers(self, namespace: str, graph_name: str) -> None:
+        await self.connection.execute(
+            cron_triggers.delete().where(
+                cron_triggers.c.namespace == namespace,
+                cron_triggers.c.graph_name == graph_name,
+                cron_triggers.c.trigger_status == TriggerStatus.PENDING.value,
+            )
+        )
+
+    async def insert_trigger(self, values: Mapping[str, Any]) -> bool:
+        return await self._insert_ignoring_conflict(cron_triggers, values)
+
+    async def claim_due_trigger(self, now: int) -> TriggerRow | None:
+        candidate = (
+            sa.select(cron_triggers.c.id)
+            .where(
+                cron_triggers.c.trigger_status == TriggerStatus.PENDING.value,
+                cron_triggers.c.trigger_time <= now,
+            )
+            .order_by(cron_triggers.c.trigger_time)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        result = await self.connection.execute(
+            cron_triggers.update()
+            .where(cron_triggers.c.id.in_(candidate.scalar_subquery()))
+            .values(trigger_status=TriggerStatus.TRIGGERING.value)
+            .returning(
+                cron_triggers.c.id,
+                cron_triggers.c.namespace,
+                cron_triggers.c.graph_name,
+                cron_triggers.c.expression,
+                cron_triggers.c.trigger_time,
+                cron_triggers.c.trigger_status,
+            )
+        )
+        row = result.first()
+        return TriggerRow(*row) if row else None
+
+    async def finish_trigger(
+        self,
+        trigger_id: str,
+        status: TriggerStatus,
+        expires_at: int,
+        run_id: str | None,
+        error: str | None,
+    ) -> None:
+        await self.connection.execute(
+            cron_triggers.update()
+            .where(cron_triggers.c.id == trigger_id)
+            .values(trigger_status=status.value, expires_at=expires_at, run_id=run_id, error=error)
+        )
+
+    async def list_triggers(self, namespace: str, graph_name: str) -> list[dict[str, Any]]:
+        result = await self.connection.execute(
+            sa.select(cron_triggers)
+            .where(cron_triggers.c.namespace == namespace, cron_triggers.c.graph_name == graph_name)
+            .order_by(cron_triggers.c.trigger_time)
+        )
+        return [dict(row) for row in result.mappings()]
+
+    async def delete_expired_triggers(self, now: int) -> int:
+        result = await self.connection.execute(
+            cron_triggers.delete().where(
+                cron_triggers.c.expires_at.is_not(None),
+                cron_triggers.c.expires_at <= now,
+                cron_triggers.c.trigger_status.in_(
+                    [TriggerStatus.TRIGGERED.value, TriggerStatus.FAILED.value]
+                ),
+            )
+        )
+        return int(result.rowcount or 0)
