@@ -1,0 +1,38 @@
+"""Fixtures shared by the SDK tests: a fake state manager and a runtime factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from exospherehost import BaseNode, Runtime
+from exospherehost._http import Backoff
+from sdk_fakeserver import FakeStateManager
+
+# Retries in tests are spaced by milliseconds so fault scenarios finish quickly.
+FAST_BACKOFF = Backoff(base=0.005, cap=0.02)
+
+
+@pytest.fixture
+def fake() -> FakeStateManager:
+    return FakeStateManager()
+
+
+@pytest.fixture
+def make_runtime(fake: FakeStateManager) -> Callable[..., Runtime]:
+    def build(nodes: list[type[BaseNode]], **options: Any) -> Runtime:
+        settings: dict[str, Any] = {
+            "state_manager_uri": fake.uri,
+            "key": fake.key,
+            "workers": 4,
+            "poll_interval": 0.01,
+            "retry_backoff": FAST_BACKOFF,
+            "transport": fake.transport,
+            "graceful_shutdown_timeout": 5.0,
+            "shutdown_report_timeout": 5.0,
+        }
+        settings.update(options)
+        return Runtime(fake.namespace, "test-runtime", nodes, **settings)
+
+    return build
