@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 
 from state_manager.api import schemas
-from state_manager.domain.models import GraphSpec
+from state_manager.domain.models import GraphSpec, StateStatus
 from state_manager.errors import InvalidRequest
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context, iso
@@ -248,7 +248,7 @@ def _graph_node(state: StateRow) -> schemas.GraphNode:
         id=state.id,
         node_name=state.node_name,
         identifier=state.identifier,
-        status=state.status,  # type: ignore[arg-type]
+        status=StateStatus(state.status),
         error=state.error,
     )
 
@@ -285,7 +285,7 @@ async def node_run_details(
         identifier=state.identifier,
         graph_name=state.graph_name,
         run_id=state.run_id,
-        status=state.status,  # type: ignore[arg-type]
+        status=StateStatus(state.status),
         inputs=state.inputs,
         outputs=state.outputs,
         error=state.error,

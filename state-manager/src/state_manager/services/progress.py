@@ -246,16 +246,6 @@ async def _uniting_row(
     templates = graph.parsed_inputs[uniting.identifier]
     resolver = Resolver(tx, graph, target.run_id)
     await resolver.preload(list(templates.values()), target.parents)
-    parents = {**target.parents, target.identifier: target.id}
-    common = {
-        "namespace": target.namespace,
-        "graph_name": target.graph_name,
-        "run_id": target.run_id,
-        "node": uniting,
-        "parents": parents,
-        "groups": target.groups,
-        "now": now,
-    }
     try:
         inputs = resolver.render(
             templates,
@@ -263,9 +253,21 @@ async def _uniting_row(
             own_outputs=target.outputs,
             parents=target.parents,
         )
+        status, error = StateStatus.CREATED, None
     except templating.TemplateError as exc:
-        return state_row(**common, inputs={}, status=StateStatus.NEXT_CREATED_ERROR, error=str(exc))
-    return state_row(**common, inputs=inputs)
+        inputs, status, error = {}, StateStatus.NEXT_CREATED_ERROR, str(exc)
+    return state_row(
+        namespace=target.namespace,
+        graph_name=target.graph_name,
+        run_id=target.run_id,
+        node=uniting,
+        inputs=inputs,
+        parents={**target.parents, target.identifier: target.id},
+        groups=target.groups,
+        now=now,
+        status=status,
+        error=error,
+    )
 
 
 def successor_rows(

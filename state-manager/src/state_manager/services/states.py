@@ -33,6 +33,8 @@ from state_manager.store.queries import StateRow, Tx
 logger = logging.getLogger(__name__)
 
 QUEUED = (StateStatus.QUEUED,)
+# Policies without max_delay can ask for astronomically long waits; a year is the most we keep.
+MAX_RETRY_DELAY_MS = 365 * 24 * 3_600_000
 
 
 async def _load(tx: Tx, namespace: str, state_id: str) -> StateRow:
@@ -247,7 +249,7 @@ async def _fail(ctx: Context, tx: Tx, state: StateRow, error: str, now: int) -> 
         retry = copy_for_retry(
             state,
             now=now,
-            enqueue_after=now + retry_rules.delay_ms(policy, attempt),
+            enqueue_after=now + min(retry_rules.delay_ms(policy, attempt), MAX_RETRY_DELAY_MS),
             retry_count=attempt,
             fanout_id=state.fanout_id,
             manual_retry_fanout_id="",

@@ -202,7 +202,7 @@ class Database:
         """On PostgreSQL, forward NOTIFYs from any replica to ``on_work``."""
         if self.dialect != "postgresql" or self.on_work is None:
             return
-        import asyncpg  # local: only needed for PostgreSQL
+        import asyncpg  # type: ignore[import-untyped]  # only needed for PostgreSQL
 
         dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._listener = await asyncpg.connect(dsn)

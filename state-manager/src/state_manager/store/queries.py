@@ -57,7 +57,7 @@ class StateRow:
     updated_at: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> StateRow:
+    def from_row(cls, row: Mapping[Any, Any]) -> StateRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
@@ -76,7 +76,7 @@ class TemplateRow:
     updated_at: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> TemplateRow:
+    def from_row(cls, row: Mapping[Any, Any]) -> TemplateRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
@@ -91,7 +91,7 @@ class VersionRow:
     created_at: int
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> VersionRow:
+    def from_row(cls, row: Mapping[Any, Any]) -> VersionRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
