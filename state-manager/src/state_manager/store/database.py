@@ -169,7 +169,7 @@ class Database:
                         lambda sync: schema_migrations.create(sync, checkfirst=True)
                     )
                 async with self.engine.connect() as connection:
-                    done = set((await connection.scalars(sa.select(schema_migrations.c.version))))
+                    done = set(await connection.scalars(sa.select(schema_migrations.c.version)))
                 for version, sql in migration_files(self.dialect):
                     if version in done:
                         continue
