@@ -1,14 +1,15 @@
-"""Fixtures shared by the SDK tests: a fake state manager and a runtime factory."""
+"""Fixtures shared by the SDK tests: a fake state manager, a runtime factory, the real server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from exospherehost import BaseNode, Runtime
 from exospherehost._http import Backoff
 from sdk_fakeserver import FakeStateManager
+from sdk_serverproc import ServerProcess, running_server
 
 # Retries in tests are spaced by milliseconds so fault scenarios finish quickly.
 FAST_BACKOFF = Backoff(base=0.005, cap=0.02)
@@ -36,3 +37,10 @@ def make_runtime(fake: FakeStateManager) -> Callable[..., Runtime]:
         return Runtime(fake.namespace, "test-runtime", nodes, **settings)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def sm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real state manager, one per test session; tests isolate by namespace."""
+    with running_server(tmp_path_factory.mktemp("state-manager")) as server:
+        yield server

@@ -571,3 +571,18 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     runtime = Runtime("ns", "rt", [Echo])
     assert runtime._state_manager_uri == "http://from-env:8000"
     assert runtime._key == "env-key"
+
+
+async def test_result_the_server_can_never_accept_becomes_an_error(
+    fake: FakeStateManager, make_runtime: MakeRuntime
+) -> None:
+    """A 413 (too many outputs) would leave the state claimed forever; report it errored
+    instead so the graph's retry policy decides."""
+    state_id = fake.add_state("Explode", {"items": "a,b"})
+    fake.fail("POST", r"/executed$", "status", status=413)
+
+    stats = await make_runtime([Explode]).run_until_idle(idle_timeout=0.05)
+
+    assert fake.states[state_id].status == "ERRORED"
+    assert "HTTP 413" in (fake.states[state_id].error or "")
+    assert stats.errored == 1

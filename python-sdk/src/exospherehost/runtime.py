@@ -92,6 +92,9 @@ class _Abandoned(Exception):
     """Shutdown stopped retrying a request."""
 
 
+# Answers to a report that mean "never with this body" rather than "not your state".
+_UNACCEPTABLE_REPORT = frozenset({413, 422})
+
 _STAT_FOR_KIND = {
     "executed": "executed",
     "errored": "errored",
@@ -602,6 +605,19 @@ class Runtime:
         try:
             await self._retrying("POST", api.url("state", claim.state_id, report.kind), report.body)
         except StateGoneError as exc:
+            if report.kind != "errored" and exc.status_code in _UNACCEPTABLE_REPORT:
+                # The server will never take this result (too many outputs, a body it
+                # cannot parse): fail the attempt instead, so the retry policy applies.
+                logger.error(
+                    "%s report of state %s refused (HTTP %d: %s); reporting it as errored",
+                    report.kind,
+                    claim.state_id,
+                    exc.status_code,
+                    exc.detail,
+                )
+                error = f"{report.kind} report refused with HTTP {exc.status_code}: {exc.detail}"
+                self._submit(claim, _Report("errored", {"error": error}))
+                return
             self.stats.rejected += 1
             logger.warning(
                 "%s report of state %s refused, the state is no longer ours: %s",
@@ -629,9 +645,8 @@ class Runtime:
         else:
             name = _STAT_FOR_KIND[report.kind]
             setattr(self.stats, name, getattr(self.stats, name) + 1)
-        finally:
-            if claim.heartbeat is not None:
-                claim.heartbeat.cancel()
+        if claim.heartbeat is not None:
+            claim.heartbeat.cancel()
 
     async def _retrying(self, method: str, path: str, body: Any) -> Any:
         """Send until the server answers 200; 4xx raises ``StateGoneError``.
@@ -692,10 +707,15 @@ class Runtime:
             await asyncio.gather(*leftover, return_exceptions=True)
         if self._reports:
             logger.info("delivering %d pending report(s)", len(self._reports))
-            await asyncio.wait(list(self._reports), timeout=self._shutdown_report_timeout)
+        deadline = loop.time() + self._shutdown_report_timeout
+        # A delivery may queue a follow-up report (errored after a refused result), so
+        # look at the set again until it is empty.
+        while self._reports and loop.time() < deadline:
+            await asyncio.wait(list(self._reports), timeout=deadline - loop.time())
         if self._reports:
             self._abandon_event.set()
-            await asyncio.gather(*list(self._reports), return_exceptions=True)
+            while self._reports:
+                await asyncio.gather(*list(self._reports), return_exceptions=True)
         for claim in list(self._running.values()):  # pragma: no cover - defensive
             if claim.heartbeat is not None:
                 claim.heartbeat.cancel()

@@ -1,0 +1,213 @@
+"""Distance three: the real state manager on loopback, the runtime in its own process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sdk_scenario
+from exospherehost import GraphNodeModel, Runtime, StateManager
+from exospherehost.errors import GraphValidationError
+from exospherehost.models import RunStatus, RunSummary
+from sdk_serverproc import ServerProcess, unique_namespace
+
+SCENARIO = Path(sdk_scenario.__file__)
+RUN_TIMEOUT = 120.0
+
+WorkerFactory = Callable[[str], subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(sm_server: ServerProcess, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start ``sdk_scenario.py`` worker processes; stop them (SIGTERM) at teardown."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(namespace: str) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"worker-{len(processes)}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(SCENARIO), namespace],
+                env=sm_server.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+async def manager(sm_server: ServerProcess) -> AsyncIterator[StateManager]:
+    async with StateManager(
+        unique_namespace(), state_manager_uri=sm_server.uri, key=sm_server.key
+    ) as sm:
+        yield sm
+
+
+async def wait_registered(server: ServerProcess, namespace: str, count: int) -> None:
+    """Wait until a worker process has registered ``count`` nodes in ``namespace``."""
+    async with httpx.AsyncClient(base_url=server.uri, headers={"x-api-key": server.key}) as http:
+        async with asyncio.timeout(60):
+            while True:
+                response = await http.get(f"/v0/namespace/{namespace}/nodes/")
+                if response.status_code == 200 and response.json()["count"] >= count:
+                    return
+                await asyncio.sleep(0.1)
+
+
+async def wait_run(sm: StateManager, run_id: str) -> RunSummary:
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while True:
+            run = await sm.get_run(run_id)
+            if run.status is not RunStatus.PENDING:
+                return run
+            await asyncio.sleep(0.2)
+
+
+async def upsert_scenario(sm: StateManager, graph_name: str = "scenario") -> None:
+    await sm.upsert_graph(
+        graph_name,
+        sdk_scenario.graph_nodes(sm.namespace),
+        sdk_scenario.SECRETS,
+        retry_policy=sdk_scenario.RETRY_POLICY,
+        store_config=sdk_scenario.STORE_CONFIG,
+        validation_timeout=30,
+        polling_interval=1,
+    )
+
+
+async def test_end_to_end_scenario(
+    sm_server: ServerProcess, manager: StateManager, start_worker: WorkerFactory
+) -> None:
+    """Store inputs, a fan-out of 100, fan-in, retries, secrets, prune and re-enqueue,
+    with the runtime in another process; every run ends SUCCESS with exact counts."""
+    worker = start_worker(manager.namespace)
+    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
+    await upsert_scenario(manager)
+
+    graph = await manager.get_graph("scenario")
+    assert graph["validation_status"] == "VALID"
+    assert graph["secrets"] == {"api_token": True}
+
+    runs = [
+        await manager.trigger("scenario", store={"count": "100", "label": f"run{index}"})
+        for index in range(2)
+    ]
+    results = [await wait_run(manager, run["run_id"]) for run in runs]
+
+    expected = sdk_scenario.expected_counts(100)
+    for result in results:
+        assert result.status is RunStatus.SUCCESS
+        assert result.graph_name == "scenario"
+        assert result.model_dump(include=set(expected)) == expected
+
+    listing = await manager.list_runs(1, 10)
+    assert listing.total == 2
+    assert {run.run_id for run in listing.runs} == {run["run_id"] for run in runs}
+
+    view = await manager.get_run_graph(runs[0]["run_id"])
+    assert view.graph_name == "scenario"
+    assert view.status is RunStatus.SUCCESS
+    assert view.count(identifier="merge") == 1
+    assert view.count(identifier="work", status="PRUNED") == 1
+    assert view.count(identifier="work", status="RETRY_CREATED") == 2
+    assert view.count(identifier="split") == 100
+    assert view.node_count == expected["total_count"]
+
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+
+
+async def test_sigterm_lets_the_running_node_finish(
+    sm_server: ServerProcess, manager: StateManager, start_worker: WorkerFactory
+) -> None:
+    worker = start_worker(manager.namespace)
+    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
+    await manager.upsert_graph(
+        "sleepy",
+        [
+            GraphNodeModel(
+                node_name="Sleepy",
+                namespace=manager.namespace,
+                identifier="sleepy",
+                inputs={"seconds": "1.5"},
+            )
+        ],
+        {},
+        validation_timeout=30,
+    )
+    run = await manager.trigger("sleepy")
+    async with asyncio.timeout(30):
+        while (await manager.get_run_graph(run["run_id"])).count(status="QUEUED") == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 30) == 0
+
+    view = await manager.get_run_graph(run["run_id"])
+    assert view.status is RunStatus.SUCCESS
+    assert view.count(identifier="sleepy", status="SUCCESS") == 1
+
+
+async def test_upsert_graph_reports_validation_errors(manager: StateManager) -> None:
+    with pytest.raises(GraphValidationError) as invalid:
+        await manager.upsert_graph(
+            "broken",
+            [
+                GraphNodeModel(
+                    node_name="NeverRegistered",
+                    namespace=manager.namespace,
+                    identifier="only",
+                    inputs={},
+                )
+            ],
+            {},
+            validation_timeout=30,
+        )
+    assert invalid.value.status == "INVALID"
+    assert invalid.value.errors
+    assert "NeverRegistered" in str(invalid.value)
+
+
+async def test_run_until_idle_in_process(sm_server: ServerProcess, manager: StateManager) -> None:
+    """The drain mode against the real server: a whole scenario run, then return."""
+    runtime = Runtime(
+        manager.namespace,
+        "in-process",
+        sdk_scenario.NODES,
+        state_manager_uri=sm_server.uri,
+        key=sm_server.key,
+        workers=8,
+        wait_ms=2000,
+    )
+    registration = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.5))
+    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
+    await registration  # nothing to do yet: returns once idle
+    await upsert_scenario(manager)
+    run = await manager.trigger("scenario", store={"count": "50"})
+
+    stats = await runtime.run_until_idle(idle_timeout=1.0)
+
+    summary = await manager.get_run(run["run_id"])
+    assert summary.status is RunStatus.SUCCESS
+    assert summary.model_dump(include={"total_count", "retried_count"}) == {
+        "total_count": sdk_scenario.expected_counts(50)["total_count"],
+        "retried_count": 2,
+    }
+    assert stats.pruned == 1
+    assert stats.requeued == 1
+    assert stats.errored == 2
