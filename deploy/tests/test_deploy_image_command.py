@@ -9,6 +9,7 @@ volume) and a free port replaces 8000. The secrets an operator passes with
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
@@ -24,8 +25,10 @@ from pathlib import Path
 
 import pytest
 from deploy_support import (
+    KUBERNETES_DIR,
     clean_environment,
     free_port,
+    kubernetes_documents,
     load_dockerfile,
     parse_dockerfile,
     resolve_in_venv,
@@ -103,7 +106,8 @@ def http_status(url: str) -> int | None:
 def stop(process: subprocess.Popen[bytes]) -> int:
     """SIGTERM, as `docker stop` sends; SIGKILL only if it will not go."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        # To the launched process only (uv forwards it), as docker stop signals PID 1.
+        process.send_signal(signal.SIGTERM)
         try:
             return process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -113,6 +117,47 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     return process.returncode
 
 
+def launch(command: list[str], env: dict[str, str], workdir: Path, port: int) -> RunningServer:
+    log = workdir / f"server-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            resolve_in_venv(command),
+            cwd=workdir,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return RunningServer(process, port, Path(env["EXOSPHERE_DATA_DIR"]), log, command)
+
+
+def wait_until_serving(running: RunningServer, path: str = "/health") -> None:
+    """Poll ``path`` until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
+    while http_status(running.url(path)) != 200:
+        if running.process.poll() is not None:
+            pytest.fail(
+                f"`{' '.join(running.command)}` exited with {running.process.returncode} "
+                f"before {path} answered 200:\n{running.output()}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} never answered 200:\n{running.output()}")
+        time.sleep(0.2)
+
+
+def run_to_completion(command: list[str], env: dict[str, str], workdir: Path) -> tuple[int, str]:
+    result = subprocess.run(
+        resolve_in_venv(command),
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=STARTUP_DEADLINE_SECONDS,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     base = tmp_path_factory.mktemp("image")
@@ -120,32 +165,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir.mkdir()
     port = free_port()
     command = substitute_port(load_dockerfile().command(), port)
-    log = base / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            resolve_in_venv(command),
-            cwd=base,
-            env=image_environment(data_dir),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    running = RunningServer(process, port, data_dir, log, command)
+    running = launch(command, image_environment(data_dir), base, port)
     try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
-        while http_status(running.url("/health")) != 200:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"`{' '.join(command)}` exited with {process.returncode} before "
-                    f"serving /health:\n{running.output()}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"/health never answered 200:\n{running.output()}")
-            time.sleep(0.2)
+        wait_until_serving(running)
         yield running
     finally:
-        if process.poll() is None:
-            stop(process)
+        if running.process.poll() is None:
+            stop(running.process)
 
 
 def test_image_command_serves_health(server: RunningServer) -> None:
@@ -186,7 +212,11 @@ def test_image_keeps_the_embedded_database_on_the_data_volume(server: RunningSer
 
 def test_image_command_stops_cleanly_on_sigterm(server: RunningServer) -> None:
     code = stop(server.process)
-    assert code in (0, -signal.SIGTERM), f"exit code {code}:\n{server.output()}"
+    # 0, or the signal re-raised after a graceful shutdown (143 = 128 + SIGTERM as
+    # reported by a parent such as uv or docker).
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), (
+        f"exit code {code}:\n{server.output()}"
+    )
 
 
 def test_substitute_port() -> None:
@@ -194,3 +224,108 @@ def test_substitute_port() -> None:
     assert substitute_port(["x", "--port=8000"], 1234) == ["x", "--port=1234"]
     with pytest.raises(AssertionError):
         substitute_port(["x", "--host", "8000"], 1234)
+
+
+# ------------------------------------------------------------ refusing to start
+
+
+@pytest.mark.parametrize("missing", ["STATE_MANAGER_SECRET", "SECRETS_ENCRYPTION_KEY"])
+def test_image_command_refuses_to_start_without_a_secret(tmp_path: Path, missing: str) -> None:
+    env = image_environment(tmp_path)
+    del env[missing]
+    command = substitute_port(load_dockerfile().command(), free_port())
+    code, output = run_to_completion(command, env, tmp_path)
+    assert code != 0
+    assert missing in output
+    assert not (tmp_path / "dev-secrets.env").exists(), "production must never invent secrets"
+
+
+def test_image_command_refuses_mongo_uri_until_that_backend_exists(tmp_path: Path) -> None:
+    env = {**image_environment(tmp_path), "MONGO_URI": "mongodb://db.example.com:27017"}
+    command = substitute_port(load_dockerfile().command(), free_port())
+    code, output = run_to_completion(command, env, tmp_path)
+    assert code != 0
+    assert "MONGO_URI" in output
+
+
+# ------------------------------------------- the multi-replica flow, on PostgreSQL
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_admin(statement: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def postgres_database_url() -> Iterator[str]:
+    """A fresh, empty database; skipped locally without PostgreSQL, failed in CI."""
+    name = "exo_deploy_" + secrets.token_hex(6)
+    try:
+        _postgres_admin(f'CREATE DATABASE "{name}"')
+    except Exception as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but unreachable: {error}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {error}")
+    try:
+        yield f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def kubernetes_environment(data_dir: Path, database_url: str) -> dict[str, str]:
+    """What a Kubernetes pod gets: the image's ENV, overridden by the ConfigMap of
+    deploy/kubernetes (envFrom), plus real secrets and a test database."""
+    (config,) = kubernetes_documents(KUBERNETES_DIR / "10-configmap.yaml")
+    env = image_environment(data_dir)
+    env.update({key: str(value) for key, value in config["data"].items()})
+    env["EXOSPHERE_DATA_DIR"] = str(data_dir)
+    env["DATABASE_URL"] = database_url
+    return env
+
+
+@pytest.mark.postgres
+def test_postgres_replicas_wait_for_the_migration_job_then_become_ready(
+    tmp_path: Path, postgres_database_url: str
+) -> None:
+    """The Kubernetes / production-compose sequence: replicas never migrate, so on
+    an empty database they stop and name the migrate command; the migration Job's
+    command migrates; then several replicas start and report ready."""
+    env = kubernetes_environment(tmp_path, postgres_database_url)
+    assert env["EXOSPHERE_AUTO_MIGRATE"] == "false"
+    image_command = load_dockerfile().command()
+
+    code, output = run_to_completion(substitute_port(image_command, free_port()), env, tmp_path)
+    assert code != 0, "a replica must not start on an unmigrated database"
+    assert "state-manager migrate" in output
+
+    (job,) = kubernetes_documents(KUBERNETES_DIR / "30-migrate-job.yaml")
+    job_args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Kubernetes `args` replace the image's CMD and keep its ENTRYPOINT.
+    entrypoint_instruction = load_dockerfile().final.last("ENTRYPOINT")
+    assert entrypoint_instruction is not None
+    entrypoint = entrypoint_instruction.exec_form() or []
+    code, output = run_to_completion([*entrypoint, *job_args], env, tmp_path)
+    assert code == 0, output
+
+    replicas: list[RunningServer] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            replicas.append(launch(substitute_port(image_command, port), env, tmp_path, port))
+        for replica in replicas:
+            wait_until_serving(replica, "/ready")
+    finally:
+        for replica in replicas:
+            stop(replica.process)
