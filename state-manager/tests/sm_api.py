@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import httpx
+
+REQUEST_ID_HEADER = "x-exosphere-request-id"
+
+
+def expect_error(response: httpx.Response, status: int, detail: Any = None) -> Any:
+    """Check an error response: status, a JSON body with ``detail``, and a request id.
+
+    ``detail`` (when given) must equal the body's ``detail`` exactly. Returns the detail.
+    """
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert isinstance(body, dict) and "detail" in body, body
+    uuid.UUID(response.headers[REQUEST_ID_HEADER])
+    if detail is not None:
+        assert body["detail"] == detail, body
+    return body["detail"]
+
+
+def error_locations(response: httpx.Response) -> list[tuple[Any, ...]]:
+    """The ``loc`` of every item of a 422 validation error body."""
+    expect_error(response, 422)
+    return [tuple(item["loc"]) for item in response.json()["detail"]]
 
 
 def schema(*fields: str) -> dict[str, Any]:
@@ -94,6 +118,30 @@ class Api:
         assert r.status_code == 200, r.text
         run_id: str = r.json()["run_id"]
         return run_id
+
+    async def get_graph(self, graph: str) -> dict[str, Any]:
+        r = await self.client.get(f"{self.base}/graph/{graph}")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def trigger_raw(self, graph: str, body: dict[str, Any]) -> httpx.Response:
+        return await self.client.post(f"{self.base}/graph/{graph}/trigger", json=body)
+
+    async def enqueue_raw(self, body: dict[str, Any]) -> httpx.Response:
+        return await self.client.post(f"{self.base}/states/enqueue", json=body)
+
+    async def claim_one(self, *nodes: str) -> dict[str, Any]:
+        """Claim exactly one state of ``nodes`` (fails if there is not exactly one)."""
+        states = await self.claim(*nodes)
+        assert len(states) == 1, states
+        return states[0]
+
+    async def node_details(self, graph: str, run_id: str, state_id: str) -> dict[str, Any]:
+        r = await self.client.get(f"{self.base}/graph/{graph}/run/{run_id}/node/{state_id}")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
 
     async def claim(
         self, *nodes: str, batch_size: int = 100, wait_ms: int = 0
