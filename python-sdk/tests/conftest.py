@@ -7,12 +7,8 @@ from typing import Any
 
 import pytest
 from exospherehost import BaseNode, Runtime
-from exospherehost._http import Backoff
-from sdk_fakeserver import FakeStateManager
+from sdk_fakeserver import FAST_BACKOFF, FakeStateManager
 from sdk_serverproc import ServerProcess, running_server
-
-# Retries in tests are spaced by milliseconds so fault scenarios finish quickly.
-FAST_BACKOFF = Backoff(base=0.005, cap=0.02)
 
 
 @pytest.fixture

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from exospherehost._http import Backoff
+
+# Retries in tests are spaced by milliseconds so fault scenarios finish quickly.
+FAST_BACKOFF = Backoff(base=0.005, cap=0.02)
 
 ALL_STATUSES = (
     "CREATED",
