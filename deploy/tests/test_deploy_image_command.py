@@ -256,7 +256,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 
 def _postgres_admin(statement: str) -> None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     async def run() -> None:
         connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
