@@ -38,6 +38,25 @@ def parse_request_id(raw: str | None) -> str:
     return str(uuid.uuid4())
 
 
+def route_template(scope: Scope) -> str:
+    """The matched route's full path template (``/v0/namespace/{namespace_name}/...``).
+
+    A label per template, never per raw path, keeps the metric's cardinality bounded.
+    Recent FastAPI versions leave routes of included routers unprefixed in
+    ``scope["route"]`` and record the matched route with its full template under
+    ``scope["fastapi"]``; older ones copy routes with the prefix applied.
+    """
+    fastapi_scope = scope.get("fastapi")
+    effective = (
+        fastapi_scope.get("effective_route_context") if isinstance(fastapi_scope, dict) else None
+    )
+    for candidate in (effective, scope.get("route")):
+        template = getattr(candidate, "path_format", None)
+        if isinstance(template, str) and template:
+            return template
+    return "unmatched"
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -160,8 +179,7 @@ class RequestContextMiddleware:
 
     def _record(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
+        template = route_template(scope)
         self.metrics.http_seconds.labels(scope["method"], template, str(status)).observe(elapsed)
         logger.info(
             "%s %s %s",
