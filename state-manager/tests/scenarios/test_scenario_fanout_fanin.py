@@ -94,3 +94,101 @@ async def test_fan_out_of_1000_joins_exactly_once_after_the_last_item(
         (split["state_id"], 0, 0)
     ]
     print(f"\n[{backend}] fan-out/fan-in of {WIDTH}: {elapsed:.2f} s from trigger to join done")
+
+
+async def test_nested_fan_outs_join_once_per_group_at_each_level(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    api = Api(client, NS)
+    await api.register(
+        node("Root", outputs=("r",)),
+        node("A", outputs=("x",)),
+        node("B", inputs=("x",), outputs=("y",)),
+        node("C", inputs=("x", "y"), outputs=()),
+        node("JoinB", inputs=("x", "y"), outputs=()),
+        node("JoinA", inputs=("x",), outputs=()),
+    )
+    await api.create_graph(
+        "nested",
+        {
+            "nodes": [
+                template_node("Root", "root", NS, {}, ["a"]),
+                template_node("A", "a", NS, {}, ["b"]),
+                template_node("B", "b", NS, {"x": "${{ a.outputs.x }}"}, ["c"]),
+                template_node(
+                    "C", "c", NS, {"x": "${{ a.outputs.x }}", "y": "${{ b.outputs.y }}"}, ["join_b"]
+                ),
+                template_node(
+                    "JoinB",
+                    "join_b",
+                    NS,
+                    {"x": "${{ a.outputs.x }}", "y": "${{ b.outputs.y }}"},
+                    ["join_a"],
+                    unites={"identifier": "b", "strategy": "ALL_SUCCESS"},
+                ),
+                template_node(
+                    "JoinA",
+                    "join_a",
+                    NS,
+                    {"x": "${{ a.outputs.x }}"},
+                    unites={"identifier": "a", "strategy": "ALL_SUCCESS"},
+                ),
+            ]
+        },
+    )
+    run_id = await api.trigger("nested")
+    await api.executed((await claim_exactly(api, "Root", count=1))[0]["state_id"], {"r": "1"})
+    a = (await claim_exactly(api, "A", count=1))[0]
+    await api.executed(a["state_id"], *({"x": f"a{i}"} for i in range(3)))
+
+    b_states = await claim_exactly(api, "B", count=3)
+    assert sorted(s["inputs"]["x"] for s in b_states) == ["a0", "a1", "a2"]
+    b_by_x = {s["inputs"]["x"]: s["state_id"] for s in b_states}
+    for state in b_states:
+        x = state["inputs"]["x"]
+        await api.executed(state["state_id"], *({"y": f"{x}-{j}"} for j in range(4)))
+
+    c_states = await claim_exactly(api, "C", count=12)
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for state in c_states:
+        by_group.setdefault(state["inputs"]["x"], []).append(state)
+    assert {x: len(v) for x, v in by_group.items()} == {"a0": 4, "a1": 4, "a2": 4}
+
+    # Finish three items of every group first: no join may appear.
+    for group in by_group.values():
+        for state in group[:3]:
+            await api.executed(state["state_id"])
+    assert await api.claim("JoinB", "JoinA") == []
+    # The last item of each group releases that group's join, and only that one.
+    join_b: list[dict[str, Any]] = []
+    for x in ["a1", "a0", "a2"]:
+        await api.executed(by_group[x][3]["state_id"])
+        claimed = await claim_exactly(api, "JoinB", count=1)
+        assert claimed[0]["inputs"] == {"x": x, "y": f"{x}-0"}
+        join_b += claimed
+    assert await api.claim("JoinA") == []
+
+    # join_a waits for every join_b: they are descendants of the a group too.
+    for state in join_b[:2]:
+        await api.executed(state["state_id"])
+        assert await api.claim("JoinA") == []
+    await api.executed(join_b[2]["state_id"])
+    join_a = await claim_exactly(api, "JoinA", count=1)
+    assert join_a[0]["inputs"] == {"x": "a0"}
+    await api.executed(join_a[0]["state_id"])
+
+    run = await api.run_summary(run_id)
+    assert (run["status"], run["success_count"], run["total_count"]) == ("SUCCESS", 32, 32)
+    grouped = by_identifier(await read_states(server.settings.database_url, NS, run_id))
+    assert {k: len(v) for k, v in grouped.items()} == {
+        "root": 1,
+        "a": 3,
+        "b": 12,
+        "c": 12,
+        "join_b": 3,
+        "join_a": 1,
+    }
+    assert sorted(s.parents["b"] for s in grouped["join_b"]) == sorted(b_by_x.values())
+    (join_a_row,) = grouped["join_a"]
+    assert join_a_row.parents["a"] == a["state_id"]
+    assert join_a_row.created_at >= max(s.updated_at for s in grouped["join_b"])
