@@ -24,6 +24,7 @@ def make_runtime(fake: FakeStateManager) -> Callable[..., Runtime]:
             "key": fake.key,
             "workers": 4,
             "poll_interval": 0.01,
+            "wait_ms": 200,
             "retry_backoff": FAST_BACKOFF,
             "transport": fake.transport,
             "graceful_shutdown_timeout": 5.0,

@@ -420,7 +420,7 @@ async def test_servers_without_heartbeat_route_are_tolerated(
 async def test_long_poll_is_requested_and_new_work_is_picked_up(
     fake: FakeStateManager, make_runtime: MakeRuntime
 ) -> None:
-    runtime = make_runtime([Echo], wait_ms=5000)
+    runtime = make_runtime([Echo], wait_ms=1000)
     task = asyncio.ensure_future(runtime.run())
     await fake.wait_for(lambda: bool(fake.calls_to("POST", r"/states/enqueue$")))
     state_id = fake.add_state("Echo", {"text": "late"})
@@ -428,7 +428,7 @@ async def test_long_poll_is_requested_and_new_work_is_picked_up(
     await runtime.stop()
     await task
     enqueues = fake.calls_to("POST", r"/states/enqueue$")
-    assert enqueues[0].body["wait_ms"] == 5000
+    assert enqueues[0].body["wait_ms"] == 1000
     # The held request delivered the new state: no busy polling while waiting.
     assert len(enqueues) <= 3
 
@@ -474,6 +474,23 @@ async def test_stop_lets_running_nodes_finish_and_reports_them(
     assert fake.states[waiting].status == "CREATED"  # not claimed after the stop
     assert len(fake.calls_to("POST", r"/states/enqueue$")) == claims_at_stop
     assert stats.executed == 1
+
+
+async def test_states_handed_to_a_pending_long_poll_after_stop_are_run(
+    fake: FakeStateManager, make_runtime: MakeRuntime
+) -> None:
+    """Stopping must not abandon a claim request the server still holds: whatever it
+    hands out is claimed for this runtime, so it is executed and reported."""
+    runtime = make_runtime([Echo], wait_ms=2000)
+    task = asyncio.ensure_future(runtime.run())
+    await fake.wait_for(lambda: bool(fake.calls_to("POST", r"/states/enqueue$")))
+    runtime.request_stop()
+    await asyncio.sleep(0.02)
+    late = fake.add_state("Echo", {"text": "arrived during shutdown"})
+    stats = await task
+    assert fake.states[late].outputs == [{"text": "arrived during shutdown"}]
+    assert stats.executed == 1
+    assert len(fake.calls_to("POST", r"/states/enqueue$")) == 1
 
 
 async def test_nodes_still_running_at_the_deadline_are_reported_errored(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import FAST_BACKOFF
 from exospherehost import (
     CronTrigger,
     GraphNodeModel,
@@ -15,7 +14,7 @@ from exospherehost import (
 )
 from exospherehost.errors import ApiError, GraphValidationError, GraphValidationTimeout
 from exospherehost.models import RunStatus
-from sdk_fakeserver import FakeStateManager
+from sdk_fakeserver import FAST_BACKOFF, FakeStateManager
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ __all__ = [
     "RunGraph",
     "RunGraphEdge",
     "RunGraphNode",
+    "RunNodeDetails",
     "RunStatus",
     "RunSummary",
     "RunsPage",
@@ -290,3 +291,20 @@ class RunGraph(_ReadModel):
             if (identifier is None or node.identifier == identifier)
             and (status is None or node.status == status)
         )
+
+
+class RunNodeDetails(_ReadModel):
+    """One state of a run in full: inputs, outputs, error and parents."""
+
+    id: str
+    node_name: str
+    identifier: str
+    graph_name: str
+    run_id: str
+    status: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    error: str | None = None
+    parents: dict[str, str]
+    created_at: str | None = None
+    updated_at: str | None = None

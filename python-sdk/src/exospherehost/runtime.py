@@ -19,7 +19,9 @@ How a runtime works:
   claiming, let running nodes finish for ``graceful_shutdown_timeout`` seconds, report them,
   then cancel what is left (reported as errored, so the server retries it) and give pending
   reports ``shutdown_report_timeout`` seconds more. Undeliverable reports are logged in
-  full, never dropped silently. A second signal skips the wait.
+  full, never dropped silently. A claim request still held by the server (long poll) is
+  waited for, not abandoned: states it brings are ours and are run like the others.
+  A second signal skips the waiting.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class Runtime:
         state_manage_version: str = "v0",
         poll_interval: float = 1,
         *,
-        wait_ms: int = 10_000,
+        wait_ms: int = 5_000,
         heartbeat_interval: float = 30.0,
         graceful_shutdown_timeout: float = 30.0,
         shutdown_report_timeout: float = 30.0,
@@ -180,6 +182,7 @@ class Runtime:
         self._api: ApiClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[asyncio.Task[None], _Claim] = {}
+        self._inflight_claim: asyncio.Future[list[Any]] | None = None
         self._reports: set[asyncio.Task[None]] = set()
 
     # --- configuration -------------------------------------------------------------------
@@ -411,7 +414,6 @@ class Runtime:
             attempt += 1
 
     async def _claim_loop(self, *, until_idle: bool, idle_timeout: float) -> None:
-        api = self._require_api()
         loop = asyncio.get_running_loop()
         assert self._stop_event is not None and self._slot_freed is not None
         names = list(self._nodes)
@@ -430,23 +432,16 @@ class Runtime:
             if wait_ms > 0:
                 body["wait_ms"] = wait_ms
             started = loop.time()
+            poll = asyncio.ensure_future(self._claim(body, wait_ms))
+            # asyncio.wait() does not cancel ``poll`` when the stop wins the race.
+            await self._first_of(asyncio.wait({poll}))
+            if not poll.done():
+                # Stopping. The server may still hand states to this request, and then
+                # they are ours: the drain waits for it instead of dropping them.
+                self._inflight_claim = poll
+                break
             try:
-                response = await self._until_stopped(
-                    api.send(
-                        "POST",
-                        api.url("states", "enqueue"),
-                        json=body,
-                        request_timeout=self._request_timeout + wait_ms / 1000,
-                    )
-                )
-                if response is None:
-                    break
-                payload = response_body(response)
-                if response.status_code != 200:
-                    raise ApiError("POST", "states/enqueue", response.status_code, payload)
-                states = payload["states"] if isinstance(payload, dict) else None
-                if not isinstance(states, list):
-                    raise ValueError(f"enqueue answer has no 'states' list: {payload!r}")
+                states = poll.result()
             except (httpx.TransportError, ApiError, ValueError, KeyError) as exc:
                 logger.warning("claiming states failed: %s", _describe_exc(exc))
                 await self._sleep_unless_stopped(
@@ -480,6 +475,22 @@ class Runtime:
                     await self._first_of(self._slot_freed.wait(), asyncio.sleep(pause))
                 else:
                     await self._sleep_unless_stopped(pause)
+
+    async def _claim(self, body: dict[str, Any], wait_ms: int) -> list[Any]:
+        api = self._require_api()
+        response = await api.send(
+            "POST",
+            api.url("states", "enqueue"),
+            json=body,
+            request_timeout=self._request_timeout + wait_ms / 1000,
+        )
+        payload = response_body(response)
+        if response.status_code != 200:
+            raise ApiError("POST", "states/enqueue", response.status_code, payload)
+        states = payload.get("states") if isinstance(payload, dict) else None
+        if not isinstance(states, list):
+            raise ValueError(f"enqueue answer has no 'states' list: {payload!r}")
+        return states
 
     # --- executing one state -------------------------------------------------------------
 
@@ -684,13 +695,28 @@ class Runtime:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._force_event is not None and self._abandon_event is not None
+        deadline = loop.time() + self._graceful_shutdown_timeout
+        poll, self._inflight_claim = self._inflight_claim, None
+        if poll is not None:
+            logger.info("waiting for the pending claim request (a second signal skips it)")
+            await self._first_of(
+                asyncio.wait({poll}),
+                self._force_event.wait(),
+                within=max(0.0, deadline - loop.time()),
+                or_stop=False,
+            )
+            if poll.done() and not poll.cancelled() and poll.exception() is None:
+                for raw in poll.result():
+                    self._launch(raw)
+            else:
+                poll.cancel()
+                await asyncio.gather(poll, return_exceptions=True)
         if self._running:
             logger.info(
                 "waiting up to %.0f s for %d running node(s)",
-                self._graceful_shutdown_timeout,
+                max(0.0, deadline - loop.time()),
                 len(self._running),
             )
-            deadline = loop.time() + self._graceful_shutdown_timeout
             while self._running and not self._force_event.is_set():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -786,3 +812,5 @@ def _configure_default_logging() -> None:
         level=level if level in logging.getLevelNamesMapping() else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO; a worker polls continuously.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

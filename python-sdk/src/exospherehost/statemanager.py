@@ -25,6 +25,7 @@ from .models import (
     GraphNodeModel,
     RetryPolicyModel,
     RunGraph,
+    RunNodeDetails,
     RunsPage,
     RunSummary,
     StoreConfigModel,
@@ -194,6 +195,12 @@ class StateManager:
         api = self._client()
         body = await self._call("GET", api.url("states", "run", run_id, "graph"))
         return RunGraph.model_validate(body)
+
+    async def get_run_node(self, graph_name: str, run_id: str, state_id: str) -> RunNodeDetails:
+        """One state of a run with its inputs, outputs, error and parents."""
+        api = self._client()
+        path = api.url("graph", graph_name, "run", run_id, "node", state_id)
+        return RunNodeDetails.model_validate(await self._call("GET", path))
 
     async def wait_for_run(
         self,
