@@ -93,17 +93,13 @@ def state_row(
     return row
 
 
-def copy_for_retry(
-    state: StateRow,
-    *,
-    now: int,
-    enqueue_after: int,
-    retry_count: int,
-    fanout_id: str,
-    manual_retry_fanout_id: str,
-    graph: CompiledGraph,
+def derived_row(
+    state: StateRow, graph: CompiledGraph, *, now: int, **overrides: Any
 ) -> dict[str, Any]:
-    """A fresh CREATED state that runs ``state``'s node again with the same inputs."""
+    """A new state of ``state``'s node with the same inputs, parents and groups.
+
+    Used for retries (automatic and manual) and for fan-out siblings.
+    """
     return state_row(
         namespace=state.namespace,
         graph_name=state.graph_name,
@@ -113,10 +109,7 @@ def copy_for_retry(
         parents=state.parents,
         groups=state.groups,
         now=now,
-        enqueue_after=enqueue_after,
-        retry_count=retry_count,
-        fanout_id=fanout_id,
-        manual_retry_fanout_id=manual_retry_fanout_id,
+        **overrides,
     )
 
 

@@ -23,9 +23,8 @@ from state_manager.services.context import CompiledGraph, Context
 from state_manager.services.progress import (
     GroupLedger,
     Resolver,
-    copy_for_retry,
+    derived_row,
     settle_groups,
-    state_row,
     successor_rows,
 )
 from state_manager.store.queries import StateRow, Tx
@@ -165,18 +164,8 @@ def _members(
         "outputs": outputs[0] if outputs else {},
     }
     siblings = [
-        state_row(
-            namespace=state.namespace,
-            graph_name=state.graph_name,
-            run_id=state.run_id,
-            node=graph.node(state.identifier),
-            inputs=state.inputs,
-            parents=state.parents,
-            groups=state.groups,
-            now=now,
-            status=StateStatus.EXECUTED,
-            outputs=extra,
-            group_id=state.id,
+        derived_row(
+            state, graph, now=now, status=StateStatus.EXECUTED, outputs=extra, group_id=state.id
         )
         for extra in outputs[1:]
     ]
@@ -246,14 +235,13 @@ async def _fail(ctx: Context, tx: Tx, state: StateRow, error: str, now: int) -> 
     retry_created = False
     if state.retry_count < policy.max_retries:
         attempt = state.retry_count + 1
-        retry = copy_for_retry(
+        retry = derived_row(
             state,
+            graph,
             now=now,
             enqueue_after=now + min(retry_rules.delay_ms(policy, attempt), MAX_RETRY_DELAY_MS),
             retry_count=attempt,
             fanout_id=state.fanout_id,
-            manual_retry_fanout_id="",
-            graph=graph,
         )
         if await tx.insert_state_unless_exists(retry):
             ledger.add(retry["groups"], None, StateStatus.CREATED)
@@ -332,14 +320,8 @@ async def manual_retry(ctx: Context, namespace: str, state_id: str, fanout_id: s
                 f"State is {before.value}; only a finished state can be retried manually"
             )
         graph = await ctx.graphs.for_run(tx, state.run_id)
-        retry = copy_for_retry(
-            state,
-            now=now,
-            enqueue_after=now,
-            retry_count=0,
-            fanout_id=fanout_id,
-            manual_retry_fanout_id=fanout_id,
-            graph=graph,
+        retry = derived_row(
+            state, graph, now=now, fanout_id=fanout_id, manual_retry_fanout_id=fanout_id
         )
         if not await tx.insert_state_unless_exists(retry):
             raise Conflict("Duplicate retry state detected")
