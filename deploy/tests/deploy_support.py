@@ -8,18 +8,26 @@ Everything here works offline: no Docker engine, no cluster, no network.
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -462,3 +470,139 @@ def clean_environment(drop: Iterable[str]) -> dict[str, str]:
     developer's DATABASE_URL cannot leak in) and without an active virtualenv."""
     dropped = set(drop) | {"VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT"}
     return {key: value for key, value in os.environ.items() if key not in dropped}
+
+
+# --------------------------------------------------------------------------- the image command
+
+STARTUP_DEADLINE_SECONDS = 90.0
+IMAGE_PORT = "8000"
+# Variables of the image's ENV that describe the image's filesystem, not settings.
+NOT_SETTINGS = {"PATH"}
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+    command: list[str]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def substitute_port(command: list[str], port: int) -> list[str]:
+    """Replace the image's port (``--port 8000`` or ``--port=8000``) with ``port``."""
+    out: list[str] = []
+    replaced = False
+    for index, word in enumerate(command):
+        if word == f"--port={IMAGE_PORT}":
+            out.append(f"--port={port}")
+            replaced = True
+        elif word == IMAGE_PORT and index > 0 and command[index - 1] == "--port":
+            out.append(str(port))
+            replaced = True
+        else:
+            out.append(word)
+    if not replaced:
+        raise AssertionError(f"the image command does not pass --port {IMAGE_PORT}: {command}")
+    return out
+
+
+def generated_secrets() -> dict[str, str]:
+    return {
+        "STATE_MANAGER_SECRET": secrets.token_hex(32),
+        "SECRETS_ENCRYPTION_KEY": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+    }
+
+
+def image_environment(data_dir: Path) -> dict[str, str]:
+    env = clean_environment(settings_variables())
+    image_env = load_dockerfile().final.env()
+    for key, value in image_env.items():
+        if key not in NOT_SETTINGS:
+            env[key] = value
+    env["EXOSPHERE_DATA_DIR"] = str(data_dir)
+    env.update(generated_secrets())
+    return env
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, as `docker stop` sends; SIGKILL only if it will not go."""
+    if process.poll() is None:
+        # To the launched process only (uv forwards it), as docker stop signals PID 1.
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError("the server ignored SIGTERM for 30 s") from None
+    return process.returncode
+
+
+def launch(
+    command: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    port: int,
+    *,
+    in_workspace: bool = True,
+) -> RunningServer:
+    """Start ``command`` in the background: through the workspace venv, or (with
+    ``in_workspace=False``) looked up on the PATH of ``env``, as a container would."""
+    log = workdir / f"server-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            resolve_in_venv(command) if in_workspace else command,
+            cwd=workdir,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return RunningServer(process, port, Path(env["EXOSPHERE_DATA_DIR"]), log, command)
+
+
+def wait_until_serving(running: RunningServer, path: str = "/health") -> None:
+    """Poll ``path`` until it answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + STARTUP_DEADLINE_SECONDS
+    while http_status(running.url(path)) != 200:
+        if running.process.poll() is not None:
+            pytest.fail(
+                f"`{' '.join(running.command)}` exited with {running.process.returncode} "
+                f"before {path} answered 200:\n{running.output()}"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} never answered 200:\n{running.output()}")
+        time.sleep(0.2)
+
+
+def run_to_completion(
+    command: list[str], env: dict[str, str], workdir: Path, *, in_workspace: bool = True
+) -> tuple[int, str]:
+    result = subprocess.run(
+        resolve_in_venv(command) if in_workspace else command,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=STARTUP_DEADLINE_SECONDS,
+    )
+    return result.returncode, result.stdout + result.stderr

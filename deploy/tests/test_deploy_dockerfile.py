@@ -14,7 +14,6 @@ from deploy_support import (
     REPO_ROOT,
     DockerIgnore,
     Stage,
-    clean_environment,
     context_files,
     load_dockerfile,
     load_dockerignore,
@@ -206,61 +205,6 @@ def test_dockerignore_matcher_semantics() -> None:
     assert not ignore.excluded("dir/sub/file.py")
     assert ignore.excluded("dir/sub/file.pyc")
     assert ignore.excluded("dir/other/file.py")
-
-
-def test_builder_stage_installs_from_the_filtered_context(tmp_path: Path) -> None:
-    """Replay the builder stage locally: copy what the build context (after
-    .dockerignore) would give each COPY, then run the stage's RUN commands with
-    its ENV, the venv redirected into tmp_path. Uses PyPI or uv's cache."""
-    uv = shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    dockerfile = load_dockerfile()
-    builder = dockerfile.stage("builder")
-    ignore = load_dockerignore()
-    workdir_instruction = builder.last("WORKDIR")
-    assert workdir_instruction is not None
-    root = tmp_path / "fs"
-    workdir = root / workdir_instruction.arguments.lstrip("/")
-    venv = tmp_path / "venv"
-    env = clean_environment([])
-    for key, value in builder.env().items():
-        env[key] = value
-    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
-    for instruction in builder.instructions:
-        if instruction.keyword == "COPY" and not instruction.flag("from"):
-            *sources, destination = instruction.arguments.split()
-            target = workdir / destination
-            for source in sources:
-                base = REPO_ROOT / source
-                for file in context_files(base, ignore):
-                    if base.is_dir():
-                        out = target / file.relative_to(base)
-                    elif destination.endswith("/") or len(sources) > 1:
-                        out = target / file.name
-                    else:
-                        out = target
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(file, out)
-        elif instruction.keyword == "RUN":
-            result = subprocess.run(
-                ["bash", "-c", instruction.arguments],
-                cwd=workdir,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            assert result.returncode == 0, f"line {instruction.line}: {result.stderr}"
-    assert (venv / "bin" / "state-manager").exists()
-    site = venv / "lib" / "python3.12" / "site-packages"
-    assert (site / "state_manager" / "settings.py").exists(), (
-        "package must be installed, not linked"
-    )
-    for pth in site.glob("*.pth"):
-        assert "state-manager" not in pth.read_text(), f"{pth.name}: editable install"
-    for dev_only in ("pytest", "ruff", "mypy", "exospherehost"):
-        assert not (site / dev_only).exists(), f"{dev_only} must not be in the image's venv"
 
 
 def test_dockerignore_file_exists_at_the_context_root() -> None:
