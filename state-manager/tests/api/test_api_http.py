@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 import sm_support
 from sm_api import REQUEST_ID_HEADER, Api, error_locations, expect_error, node, template_node
 from sm_support import API_KEY, RunningServer, serve
@@ -276,11 +275,6 @@ async def test_request_bodies_over_the_limit_get_413_json(
             assert [n["inputs_schema"]["required"] for n in r.json()["nodes"]] == [["x" * 100]]
 
 
-@pytest.mark.xfail(
-    reason="a chunked body (no content-length) over MAX_REQUEST_BYTES gets 400 "
-    "'There was an error parsing the body' instead of 413",
-    strict=True,
-)
 async def test_streamed_request_body_over_the_limit_gets_413(
     database_url: str, tmp_path: Path
 ) -> None:

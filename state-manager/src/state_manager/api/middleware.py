@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from state_manager.logs import request_id_var
@@ -57,8 +58,11 @@ def route_template(scope: Scope) -> str:
     return "unmatched"
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while reading a body past the limit; FastAPI answers it as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"Request body exceeds {limit} bytes")
 
 
 def _json_response(status: int, body: dict[str, Any], request_id: str) -> list[Message]:
@@ -95,19 +99,6 @@ class RequestContextMiddleware:
         limit = self.max_body_bytes
 
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._finish(
-                scope,
-                send,
-                413,
-                {"detail": f"Request body exceeds {limit} bytes"},
-                request_id,
-                started,
-                status_holder,
-            )
-            request_id_var.reset(token)
-            return
-
         received = 0
 
         async def limited_receive() -> Message:
@@ -116,7 +107,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -131,17 +122,13 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(limit)
             await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
             if not status_holder["sent"]:
                 await self._finish(
-                    scope,
-                    send,
-                    413,
-                    {"detail": f"Request body exceeds {limit} bytes"},
-                    request_id,
-                    started,
-                    status_holder,
+                    scope, send, 413, {"detail": exc.detail}, request_id, started, status_holder
                 )
                 return
         except Exception:
