@@ -14,7 +14,13 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+# (uvicorn adds ``color_message``, a copy of the message with terminal colour codes.)
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class RequestIdFilter(logging.Filter):
@@ -60,3 +66,6 @@ def configure(level: str, *, json_lines: bool) -> None:
         logging.getLogger(name).propagate = True
     # The access middleware logs each request once, with its id; uvicorn's own line is redundant.
     logging.getLogger("uvicorn.access").disabled = True
+    # aiosqlite's debug lines (two per database call) come from its worker thread, so they
+    # cannot carry the request id, and they repeat every query's parameters: keep them out.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))

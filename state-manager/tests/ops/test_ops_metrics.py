@@ -9,6 +9,7 @@ delayed retry becomes claimable, which the backlog gauge must notice.
 from __future__ import annotations
 
 import httpx
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sm_api import Api, expect_error, node, template_node
 from sm_support import RunningServer
@@ -70,7 +71,9 @@ def gauge(result: Scrape, name: str) -> dict[tuple[str, ...], float]:
 
 def shift_clock(server: RunningServer, by_ms: int) -> None:
     """Move the server's notion of now forward by ``by_ms`` (every service reads ``ctx.clock``)."""
-    context: Context = server.server.config.app.state.context
+    app = server.server.config.app
+    assert isinstance(app, FastAPI)
+    context: Context = app.state.context
     context.clock = lambda: now_ms() + by_ms
 
 
