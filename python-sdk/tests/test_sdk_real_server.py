@@ -211,3 +211,54 @@ async def test_run_until_idle_in_process(sm_server: ServerProcess, manager: Stat
     assert stats.pruned == 1
     assert stats.requeued == 1
     assert stats.errored == 2
+
+
+class RecordingTransport(httpx.AsyncHTTPTransport):
+    """The real network transport, remembering each request's path and answer status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, int]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        self.seen.append((request.url.path, response.status_code))
+        return response
+
+
+async def test_heartbeats_are_accepted_by_the_server(
+    sm_server: ServerProcess, manager: StateManager
+) -> None:
+    transport = RecordingTransport()
+    runtime = Runtime(
+        manager.namespace,
+        "heartbeats",
+        [sdk_scenario.Sleepy],
+        state_manager_uri=sm_server.uri,
+        key=sm_server.key,
+        heartbeat_interval=0.2,
+        wait_ms=1000,
+        transport=transport,
+    )
+    await runtime.run_until_idle(idle_timeout=0.2)
+    await manager.upsert_graph(
+        "beats",
+        [
+            GraphNodeModel(
+                node_name="Sleepy",
+                namespace=manager.namespace,
+                identifier="sleepy",
+                inputs={"seconds": "1"},
+            )
+        ],
+        {},
+        validation_timeout=30,
+    )
+    run = await manager.trigger("beats")
+    stats = await runtime.run_until_idle(idle_timeout=0.5)
+
+    beats = [status for path, status in transport.seen if path.endswith("/heartbeat")]
+    assert len(beats) >= 2
+    assert set(beats) == {200}
+    assert stats.executed == 1
+    assert (await manager.get_run(run["run_id"])).status is RunStatus.SUCCESS

@@ -34,7 +34,6 @@ from pydantic import BaseModel
 
 __all__ = ["BaseNode", "node_problems"]
 
-NodeResult = BaseModel | list[BaseModel] | None
 
 
 class BaseNode(ABC):
