@@ -35,7 +35,6 @@ from pydantic import BaseModel
 __all__ = ["BaseNode", "node_problems"]
 
 
-
 class BaseNode(ABC):
     """Base class of every node; subclass it and implement :meth:`execute`."""
 
