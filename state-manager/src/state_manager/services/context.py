@@ -81,7 +81,8 @@ class CompiledGraph:
         """Per identifier, the parsed template of each input the node receives."""
         parsed: dict[str, dict[str, templating.ParsedTemplate]] = {}
         for node in self.spec.nodes:
-            wanted = self.version.input_fields.get(node.identifier) or list(node.inputs)
+            # The fields its registered Inputs schema declared when the graph was validated.
+            wanted = self.version.input_fields.get(node.identifier, list(node.inputs))
             parsed[node.identifier] = {
                 name: templating.parse(str(node.inputs[name]))
                 for name in wanted
