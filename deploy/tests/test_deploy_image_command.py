@@ -18,15 +18,20 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from deploy_support import (
     IMAGE_PORT,
     KUBERNETES_DIR,
     RunningServer,
+    compose_files,
     free_port,
+    generated_secrets,
     http_status,
     image_environment,
+    interpolate,
     kubernetes_documents,
     launch,
     load_dockerfile,
@@ -209,3 +214,64 @@ def test_postgres_replicas_wait_for_the_migration_job_then_become_ready(
     finally:
         for replica in replicas:
             stop(replica.process)
+
+
+def compose_services(path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """The services of a compose file after substitution with ``env``."""
+    document = yaml.safe_load(interpolate(path.read_text(), env))
+    services: dict[str, Any] = document["services"]
+    return services
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("compose_file", compose_files(), ids=lambda p: p.name)
+def test_postgres_compose_stack_settings_start_a_ready_server(
+    tmp_path: Path, postgres_database_url: str, compose_file: Path
+) -> None:
+    """Run the compose file's services as compose would (image ENTRYPOINT, the
+    service's command or the image CMD, image ENV overridden by the service's
+    environment), pointed at a test database: a `migrate` service first when the
+    file has one, then the server, which must become ready and pass the service's
+    healthcheck."""
+    operator_env = {
+        **generated_secrets(),
+        "POSTGRES_PASSWORD": "unused",
+        "DATABASE_URL": postgres_database_url,
+        "STATE_MANAGER_IMAGE": "exosphere-state-manager:test",
+    }
+    services = compose_services(compose_file, operator_env)
+    dockerfile = load_dockerfile()
+    entrypoint_instruction = dockerfile.final.last("ENTRYPOINT")
+    assert entrypoint_instruction is not None
+    entrypoint = entrypoint_instruction.exec_form() or []
+
+    def service_env(name: str) -> dict[str, str]:
+        env = image_environment(tmp_path)
+        env.update({key: str(value) for key, value in services[name]["environment"].items()})
+        # The stack's own database host is not reachable here: use the test database.
+        env["DATABASE_URL"] = postgres_database_url
+        return env
+
+    if "migrate" in services:
+        code, output = run_to_completion(
+            [*entrypoint, *services["migrate"]["command"]], service_env("migrate"), tmp_path
+        )
+        assert code == 0, output
+
+    server_service = services["state-manager"]
+    assert "command" not in server_service, "the server runs the image's own CMD"
+    port = free_port()
+    server = launch(
+        substitute_port(dockerfile.command(), port), service_env("state-manager"), tmp_path, port
+    )
+    try:
+        wait_until_serving(server, "/ready")
+        probe = server_service["healthcheck"]["test"]
+        assert probe[0] == "CMD" and probe[1] == "python"
+        script = probe[-1].replace(f"127.0.0.1:{IMAGE_PORT}", f"127.0.0.1:{port}")
+        result = subprocess.run(
+            [sys.executable, *probe[2:-1], script], capture_output=True, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode()
+    finally:
+        stop(server.process)
