@@ -110,6 +110,14 @@ def test_every_variable_is_documented_in_env_example(path: Path) -> None:
     assert not missing, f"add to .env.example: {missing}"
 
 
+def test_env_example_has_no_stale_entry() -> None:
+    used: set[str] = set()
+    for path in compose_files():
+        used |= set(referenced_variables(path.read_text()))
+    stale = sorted(set(parse_env_file(ENV_EXAMPLE.read_text())) - used)
+    assert not stale, f"in .env.example but used by no compose file: {stale}"
+
+
 def test_env_example_leaves_every_secret_empty() -> None:
     values = parse_env_file(ENV_EXAMPLE.read_text())
     for key in (*REQUIRED_SECRETS, "POSTGRES_PASSWORD", "DATABASE_URL"):
