@@ -168,6 +168,32 @@ def test_documented_flags_exist_in_the_cli() -> None:
         assert flag in serve, f"{flag} is not in `state-manager serve --help`"
 
 
+def _run_cli(arguments: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        resolve_in_venv(arguments),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_documented_commands_do_what_the_table_says(tmp_path: Path) -> None:
+    from state_manager.settings import decode_encryption_key
+
+    env = clean_environment(settings_variables())
+    for launcher in (["state-manager"], ["python", "-m", "state_manager"]):
+        generated = _run_cli([*launcher, "gen-key"], env)
+        assert generated.returncode == 0, generated.stderr
+        assert len(decode_encryption_key(generated.stdout.strip())) == 32
+    env["EXOSPHERE_DATA_DIR"] = str(tmp_path)
+    migrated = _run_cli(["state-manager", "migrate", "--mode=development"], env)
+    assert migrated.returncode == 0, migrated.stderr
+    assert (tmp_path / "exosphere.db").exists()
+
+
 def test_documented_entry_points_exist() -> None:
     text = CONFIGURATION.read_text()
     assert "python -m state_manager" in text
