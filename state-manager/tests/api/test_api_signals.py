@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import sm_support
 from sm_api import Api, error_locations, expect_error, node, template_node
-from sm_support import serve
+from sm_support import read_states, serve
 
 NS = "signals"
 
@@ -58,7 +58,7 @@ async def _status(api: Api, run_id: str, state_id: str) -> str:
     return status
 
 
-async def test_prune_ends_a_queued_branch(client: httpx.AsyncClient) -> None:
+async def test_prune_ends_a_queued_branch(client: httpx.AsyncClient, database_url: str) -> None:
     api = Api(client, NS)
     await _graph(api)
     run_id = await api.trigger("g")
@@ -76,6 +76,8 @@ async def test_prune_ends_a_queued_branch(client: httpx.AsyncClient) -> None:
     assert r.json() == {"enqueue_after": _ms(a["created_at"]), "status": "PRUNED"}
     view = await api.run_graph(run_id)
     assert [(n["identifier"], n["status"]) for n in view["nodes"]] == [("a", "PRUNED")]
+    [row] = await read_states(database_url, NS, run_id)
+    assert row.data == {"reason": "enough", "n": 1}
     assert (await api.run_summary(run_id))["status"] == "SUCCESS"
     assert await api.claim("A", "B") == []
 
@@ -90,7 +92,7 @@ async def test_prune_ends_a_queued_branch(client: httpx.AsyncClient) -> None:
 
 
 async def test_re_enqueue_after_hands_the_same_state_back_later(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, database_url: str
 ) -> None:
     api = Api(client, NS)
     await _graph(api)
@@ -108,6 +110,8 @@ async def test_re_enqueue_after_hands_the_same_state_back_later(
     assert set(body) == {"enqueue_after", "status"} and body["status"] == "CREATED"
     assert before + 3_600_000 <= body["enqueue_after"] <= after + 3_600_000
     assert await _status(api, run_id, sid) == "CREATED"
+    [row] = await read_states(database_url, NS, run_id)
+    assert (row.enqueue_after, row.retry_count) == (body["enqueue_after"], 0)
     assert await api.claim("A") == []  # not before its time
     expect_error(
         await api.post_state(sid, "re-enqueue-after", {"enqueue_after": 5}),
@@ -128,7 +132,9 @@ async def test_re_enqueue_after_hands_the_same_state_back_later(
     expect_error(r, 400, "State is not queued")
 
 
-async def test_manual_retry_of_finished_states(client: httpx.AsyncClient) -> None:
+async def test_manual_retry_of_finished_states(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
     api = Api(client, NS)
     await _graph(api)
     run_id = await api.trigger("g")
@@ -164,6 +170,10 @@ async def test_manual_retry_of_finished_states(client: httpx.AsyncClient) -> Non
         {},
     )
     assert (fresh["outputs"], fresh["error"]) == ({}, None)
+    rows = {row.id: row for row in await read_states(database_url, NS, run_id)}
+    assert (rows[new_id].fanout_id, rows[new_id].manual_retry_fanout_id) == ("f1", "f1")
+    assert rows[new_id].retry_count == 0
+    assert rows[sid].error == "bad"
     # The same fanout_id again is a duplicate (the original is RETRY_CREATED: terminal).
     r = await api.post_state(sid, "manual-retry", {"fanout_id": "f1"})
     expect_error(r, 409, "Duplicate retry state detected")

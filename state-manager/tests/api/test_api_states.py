@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import sm_support
 from sm_api import Api, error_locations, expect_error, node, template_node
-from sm_support import serve
+from sm_support import read_states, serve
 
 NS = "states"
 
@@ -224,7 +224,7 @@ async def test_executed_over_the_fan_out_limit_is_413(database_url: str, tmp_pat
 
 
 async def test_errored_creates_retries_until_the_policy_runs_out(
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient, database_url: str
 ) -> None:
     api = Api(client, NS)
     policy = {"max_retries": 2, "strategy": "FIXED", "backoff_factor": 1}
@@ -255,6 +255,11 @@ async def test_errored_creates_retries_until_the_policy_runs_out(
     assert await api.claim("A", wait_ms=50) == []
     view = await api.run_graph(run_id)
     assert _statuses(view) == [("a", "ERRORED"), ("a", "RETRY_CREATED"), ("a", "RETRY_CREATED")]
+    rows = {row.id: row for row in await read_states(database_url, NS, run_id)}
+    attempts = [rows[s["state_id"]] for s in (first, second, third)]
+    assert [row.retry_count for row in attempts] == [0, 1, 2]
+    assert len({row.fanout_id for row in attempts}) == 1  # retries keep the fan-out id
+    assert [row.enqueue_after - row.created_at for row in attempts[1:]] == [1, 1]
     assert view["execution_summary"]["RETRY_CREATED"] == 2
     assert {n["error"] for n in view["nodes"]} == {"first failure", "second", "third"}
     run = await api.run_summary(run_id)
@@ -264,10 +269,13 @@ async def test_errored_creates_retries_until_the_policy_runs_out(
     other = Api(client, "states-default")
     await other.register(node("A"))
     await other.create_graph("g", {"nodes": [template_node("A", "a", "states-default")]})
-    await other.trigger("g")
+    run_default = await other.trigger("g")
     state = await other.claim_one("A")
     assert (await other.errored(state["state_id"]))["retry_created"] is True
     assert await other.claim("A") == []
+    rows = await read_states(database_url, "states-default", run_default)
+    retry = next(row for row in rows if row.status == "CREATED")
+    assert (retry.retry_count, retry.enqueue_after - retry.created_at) == (1, 2000)
 
 
 async def test_errored_errors(client: httpx.AsyncClient) -> None:

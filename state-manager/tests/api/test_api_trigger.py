@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import sm_support
 from sm_api import Api, error_locations, expect_error, node, template_node
-from sm_support import serve
+from sm_support import read_states, serve
 
 NS = "trig"
 
@@ -38,7 +38,7 @@ async def _graph(api: Api) -> None:
     )
 
 
-async def test_trigger_creates_the_root_state(client: httpx.AsyncClient) -> None:
+async def test_trigger_creates_the_root_state(client: httpx.AsyncClient, database_url: str) -> None:
     api = Api(client, NS)
     await _graph(api)
 
@@ -72,6 +72,10 @@ async def test_trigger_creates_the_root_state(client: httpx.AsyncClient) -> None
     # start_delay postpones the root state.
     delayed = await api.trigger("g", store={"k": "v3"}, start_delay=3_600_000)
     assert await api.claim("A", "B") == []
+    [row] = await read_states(database_url, NS, delayed)
+    assert row.enqueue_after - row.created_at == 3_600_000
+    [row] = await read_states(database_url, NS, run_id)
+    assert (row.enqueue_after, row.retry_count, row.parents) == (row.created_at, 0, {})
     graph = await api.run_graph(delayed)
     assert [(n["identifier"], n["status"]) for n in graph["nodes"]] == [("a", "CREATED")]
 
