@@ -30,6 +30,7 @@ STARTUP_TIMEOUT = 60.0
 class ServerProcess:
     uri: str
     key: str
+    encryption_key: str
     process: subprocess.Popen[bytes]
     log_path: Path
 
@@ -54,16 +55,28 @@ def unique_namespace(prefix: str = "sdk") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def start_server(workdir: Path, *, extra_env: Mapping[str, str] | None = None) -> ServerProcess:
-    """Start ``state-manager`` in production mode on SQLite and wait for ``/health``."""
+def start_server(
+    workdir: Path,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    key: str | None = None,
+    encryption_key: str | None = None,
+) -> ServerProcess:
+    """Start ``state-manager`` in production mode on SQLite and wait for ``/health``.
+
+    Pass the ``port``, ``key`` and ``encryption_key`` of a stopped server (and the same
+    ``workdir``) to restart it on its database.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    key = "sdk-test-" + secrets.token_hex(8)
+    port = port or free_port()
+    key = key or "sdk-test-" + secrets.token_hex(8)
+    encryption_key = encryption_key or base64.urlsafe_b64encode(os.urandom(32)).decode()
     env = dict(os.environ)
     env.update(
         {
             "STATE_MANAGER_SECRET": key,
-            "SECRETS_ENCRYPTION_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+            "SECRETS_ENCRYPTION_KEY": encryption_key,
             "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite'}",
             "EXOSPHERE_AUTO_MIGRATE": "1",
             "EXOSPHERE_DATA_DIR": str(workdir / "data"),
@@ -71,7 +84,7 @@ def start_server(workdir: Path, *, extra_env: Mapping[str, str] | None = None) -
         }
     )
     env.update(extra_env or {})
-    log_path = workdir / "server.log"
+    log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
     command = [
         sys.executable,
         "-m",
@@ -86,7 +99,7 @@ def start_server(workdir: Path, *, extra_env: Mapping[str, str] | None = None) -
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", key, process, log_path)
+    server = ServerProcess(f"http://127.0.0.1:{port}", key, encryption_key, process, log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         if process.poll() is not None:

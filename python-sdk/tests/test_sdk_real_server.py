@@ -15,12 +15,23 @@ import sdk_scenario
 from exospherehost import GraphNodeModel, Runtime, StateManager
 from exospherehost.errors import GraphValidationError
 from exospherehost.models import RunStatus, RunSummary
-from sdk_serverproc import ServerProcess, unique_namespace
+from sdk_serverproc import ServerProcess, start_server, stop_server, unique_namespace
 
 SCENARIO = Path(sdk_scenario.__file__)
 RUN_TIMEOUT = 120.0
 
 WorkerFactory = Callable[[str], subprocess.Popen[bytes]]
+
+
+def spawn_worker(server: ServerProcess, namespace: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``sdk_scenario.py`` as a worker process of ``namespace``."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, str(SCENARIO), namespace],
+            env=server.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture
@@ -29,13 +40,7 @@ def start_worker(sm_server: ServerProcess, tmp_path: Path) -> Iterator[WorkerFac
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(namespace: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"worker-{len(processes)}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(SCENARIO), namespace],
-                env=sm_server.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process = spawn_worker(sm_server, namespace, tmp_path / f"worker-{len(processes)}.log")
         processes.append(process)
         return process
 
@@ -262,3 +267,62 @@ async def test_heartbeats_are_accepted_by_the_server(
     assert set(beats) == {200}
     assert stats.executed == 1
     assert (await manager.get_run(run["run_id"])).status is RunStatus.SUCCESS
+
+
+async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
+    """The server is killed (SIGKILL) while a node runs and comes back on the same
+    database: the worker process keeps retrying its report, and the run succeeds."""
+    workdir = tmp_path / "crashing-server"
+    server = await asyncio.to_thread(start_server, workdir)
+    namespace = unique_namespace("crash")
+    worker = spawn_worker(server, namespace, tmp_path / "worker.log")
+    try:
+        await wait_registered(server, namespace, len(sdk_scenario.NODES))
+        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+            await sm.upsert_graph(
+                "sleepy",
+                [
+                    GraphNodeModel(
+                        node_name="Sleepy",
+                        namespace=namespace,
+                        identifier="sleepy",
+                        inputs={"seconds": "2"},
+                    )
+                ],
+                {},
+                validation_timeout=30,
+            )
+            run = await sm.trigger("sleepy")
+            async with asyncio.timeout(30):
+                while (await sm.get_run_graph(run["run_id"])).count(status="QUEUED") == 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+
+        server.process.kill()
+        await asyncio.to_thread(server.process.wait)
+        await asyncio.sleep(2.5)  # the node finishes while nobody is listening
+        assert worker.poll() is None, "the worker died with the server"
+        port = int(server.uri.rsplit(":", 1)[1])
+        server = await asyncio.to_thread(
+            start_server,
+            workdir,
+            port=port,
+            key=server.key,
+            encryption_key=server.encryption_key,
+        )
+
+        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+            async with asyncio.timeout(60):
+                while (summary := await sm.get_run(run["run_id"])).status is RunStatus.PENDING:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+            assert summary.status is RunStatus.SUCCESS
+            details = await sm.get_run_node(
+                "sleepy", run["run_id"], (await sm.get_run_graph(run["run_id"])).nodes[0].id
+            )
+            assert details.outputs == {"slept": "2"}
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        stop_server(server)

@@ -603,3 +603,21 @@ async def test_result_the_server_can_never_accept_becomes_an_error(
     assert fake.states[state_id].status == "ERRORED"
     assert "HTTP 413" in (fake.states[state_id].error or "")
     assert stats.errored == 1
+
+
+async def test_servers_that_answer_at_once_are_polled(
+    fake: FakeStateManager, make_runtime: MakeRuntime
+) -> None:
+    """A server without long polling (like the published one) answers an empty claim at
+    once; the runtime then waits ``poll_interval`` instead of spinning."""
+    fake.long_poll = False
+    runtime = make_runtime([Echo], wait_ms=5000, poll_interval=0.05)
+    task = asyncio.ensure_future(runtime.run())
+    await fake.wait_for(lambda: len(fake.calls_to("POST", r"/states/enqueue$")) >= 3)
+    state_id = fake.add_state("Echo", {"text": "polled"})
+    await fake.wait_for(lambda: fake.states[state_id].status == "EXECUTED")
+    await runtime.stop()
+    await task
+    polls = len(fake.calls_to("POST", r"/states/enqueue$"))
+    await asyncio.sleep(0.1)
+    assert len(fake.calls_to("POST", r"/states/enqueue$")) == polls  # stopped polling
