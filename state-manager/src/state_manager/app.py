@@ -97,9 +97,19 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     @app.get("/metrics", tags=["operations"])
     async def metrics_endpoint(request: Request) -> Response:
         context: Context = request.app.state.context
-        async with context.db.read() as tx:
-            counts = await tx.count_states()
-            backlog = await tx.claimable_backlog(context.clock())
+        counts: dict[tuple[str, str, str], int] = {}
+        backlog: dict[tuple[str, str], int] = {}
+        try:
+            async with context.db.read() as tx:
+                counts = await tx.count_states()
+                backlog = await tx.claimable_backlog(context.clock())
+        except Exception as exc:
+            # Counters stay scrapeable while the database is away; the sampled gauges
+            # are dropped (not left stale) and the outage shows as exosphere_database_up 0.
+            logger.warning("metrics: cannot sample the database: %s", type(exc).__name__)
+            metrics.database_up.set(0)
+        else:
+            metrics.database_up.set(1)
         metrics.states.clear()
         for (namespace, node, status), value in counts.items():
             metrics.states.labels(namespace, node, status).set(value)

@@ -75,6 +75,11 @@ class Metrics:
             ["namespace", "node"],
             registry=r,
         )
+        self.database_up = Gauge(
+            "exosphere_database_up",
+            "1 if the last scrape could read state counts from the database, else 0.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -197,6 +197,7 @@ async def test_every_metric_family_is_exported_with_conventional_names(
     expected = {
         "exosphere_states": "gauge",
         "exosphere_claimable_backlog": "gauge",
+        "exosphere_database_up": "gauge",
         "exosphere_states_claimed": "counter",
         "exosphere_state_reports": "counter",
         "exosphere_state_retries": "counter",
