@@ -609,7 +609,7 @@ async def test_servers_that_answer_at_once_are_polled(
     fake: FakeStateManager, make_runtime: MakeRuntime
 ) -> None:
     """A server without long polling (like the published one) answers an empty claim at
-    once; the runtime then waits ``poll_interval`` instead of spinning."""
+    once; the runtime keeps polling every ``poll_interval`` and picks up new work."""
     fake.long_poll = False
     runtime = make_runtime([Echo], wait_ms=5000, poll_interval=0.05)
     task = asyncio.ensure_future(runtime.run())
@@ -621,3 +621,26 @@ async def test_servers_that_answer_at_once_are_polled(
     polls = len(fake.calls_to("POST", r"/states/enqueue$"))
     await asyncio.sleep(0.1)
     assert len(fake.calls_to("POST", r"/states/enqueue$")) == polls  # stopped polling
+
+
+async def test_a_node_calling_sys_exit_fails_only_its_attempt(
+    fake: FakeStateManager, make_runtime: MakeRuntime
+) -> None:
+    class Quitter(BaseNode):
+        class Inputs(BaseModel):
+            how: str
+
+        def execute(self) -> None:
+            if self.inputs.how == "exit":
+                raise SystemExit(3)
+            raise KeyboardInterrupt
+
+    exiting = fake.add_state("Quitter", {"how": "exit"})
+    interrupting = fake.add_state("Quitter", {"how": "interrupt"})
+    fake.add_state("Echo", {"text": "after"})
+
+    stats = await make_runtime([Quitter, Echo]).run_until_idle(idle_timeout=0.05)
+
+    assert fake.states[exiting].error == "SystemExit: 3"
+    assert fake.states[interrupting].error == "KeyboardInterrupt"
+    assert (stats.errored, stats.executed) == (2, 1)

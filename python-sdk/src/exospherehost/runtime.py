@@ -553,7 +553,11 @@ class Runtime:
             return _Report("re-enqueue-after", requeue.to_body())
         except _Abandoned:
             return _Report("errored", {"error": _SHUTDOWN_ERROR})
-        except Exception as exc:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Includes SystemExit/KeyboardInterrupt raised by node code: they end this
+            # attempt, not the worker.
             logger.warning(
                 "state %s (%s) failed: %s",
                 claim.state_id,
