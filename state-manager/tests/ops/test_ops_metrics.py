@@ -8,6 +8,8 @@ delayed retry becomes claimable, which the backlog gauge must notice.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
@@ -208,3 +210,54 @@ async def test_every_metric_family_is_exported_with_conventional_names(
         "exosphere_http_request_duration_seconds": "histogram",
     }
     assert {name: result.types.get(name) for name in expected} == expected
+
+
+async def test_lease_expiries_and_cron_fires_are_counted(
+    server: RunningServer, client: httpx.AsyncClient
+) -> None:
+    """The background loops' counters: a lease runs out and an hourly cron comes due."""
+    api = Api(client, NS)
+    await api.register(node("A"))
+    await api.create_graph("leased", {"nodes": [template_node("A", "a", NS)]})
+    await api.create_graph(
+        "hourly",
+        {
+            "nodes": [template_node("A", "a", NS)],
+            "triggers": [{"type": "CRON", "value": {"expression": "0 * * * *"}}],
+        },
+    )
+    run_id = await api.trigger("leased")
+    claimed = await api.claim_one("A")
+    s0 = await scrape(client)
+
+    # Jump to half past the hour after next: the cron's first time (the next full hour) has
+    # passed, its following one is half an hour away, and the claim's one-hour lease is over.
+    hour = 3_600_000
+    now = now_ms()
+    shift_clock(server, (now // hour + 2) * hour + hour // 2 - now)
+
+    def fired(result: Scrape) -> bool:
+        expired = result.value("exosphere_lease_expiries_total", namespace=NS, node="A")
+        return expired > 0 and result.value("exosphere_cron_fires_total", outcome="triggered") > 0
+
+    s1 = await scrape(client)
+    for _ in range(200):  # the loops run every few seconds; wait for both, but not forever
+        if fired(s1):
+            break
+        await asyncio.sleep(0.1)
+        s1 = await scrape(client)
+    assert fired(s1), s1.text
+
+    def moved(name: str, **labels: str) -> float:
+        return delta(s0, s1, name, **labels)
+
+    assert moved("exosphere_lease_expiries_total", namespace=NS, node="A") == 1
+    assert moved("exosphere_cron_fires_total", outcome="triggered") == 1
+    assert moved("exosphere_cron_fires_total", outcome="failed") == 0
+    assert moved("exosphere_runs_triggered_total", namespace=NS, graph="hourly", source="cron") == 1
+    assert moved("exosphere_runs_triggered_total", namespace=NS, graph="hourly", source="api") == 0
+    # An expired lease is a failed attempt: a retry is scheduled, but nothing was reported.
+    assert moved("exosphere_state_retries_total", namespace=NS, node="A") == 1
+    assert sum(s1.matching("exosphere_state_reports_total", namespace=NS).values()) == 0
+    details = await api.node_details("leased", run_id, claimed["state_id"])
+    assert details["status"] == "RETRY_CREATED", details
