@@ -9,6 +9,8 @@ delayed retry becomes claimable, which the backlog gauge must notice.
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -20,6 +22,7 @@ from state_manager.services.context import Context, now_ms
 NS = "ops-metrics"
 RETRY_DELAY_MS = 60_000
 NS_ROUTE = "/v0/namespace/{namespace_name}"
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
 
 Labels = frozenset[tuple[str, str]]
 
@@ -210,6 +213,14 @@ async def test_every_metric_family_is_exported_with_conventional_names(
         "exosphere_http_request_duration_seconds": "histogram",
     }
     assert {name: result.types.get(name) for name in expected} == expected
+    exported = {
+        f"{name}_total" if kind == "counter" else name
+        for name, kind in result.types.items()
+        if name.startswith("exosphere_")
+    }
+    # The configuration reference lists exactly the metrics the server exports.
+    documented = set(re.findall(r"^\| `(exosphere_\w+)` \|", REFERENCE.read_text(), re.M))
+    assert documented == exported
 
 
 async def test_lease_expiries_and_cron_fires_are_counted(
