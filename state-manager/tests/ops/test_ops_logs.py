@@ -255,6 +255,9 @@ async def test_production_logs_are_json_with_request_ids_and_no_secrets(
             r = await api.post_state(a["state_id"], "errored", {"error": {"token": in_bad_body}})
             expect_error(r, 422)
             expect_error(await client.get(f"{api.base}/state/{'0' * 24}/secrets"), 404)
+            # A path that decodes to several lines still logs as one JSON line.
+            r = await client.get(f"{api.base}/graph/g%0A%7B%22level%22%3A%22ERROR%22%7D")
+            expect_error(r, 404)
             state_id = a["state_id"]
 
     # The same database under another encryption key: the stored secrets cannot be read.
