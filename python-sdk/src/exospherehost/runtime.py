@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status, response_body
+from ._reporting import Abandoned, Report, Reporter, RuntimeStats, describe_exc
 from .errors import ApiError, StateGoneError
 from .node import BaseNode, node_problems, normalize_outputs
 from .signals import PruneSignal, ReQueueAfterSignal
@@ -52,57 +53,16 @@ _SHUTDOWN_ERROR = "the worker runtime shut down before the node finished"
 
 
 @dataclass
-class RuntimeStats:
-    """What a runtime did so far; returned by :meth:`Runtime.run` and ``run_until_idle``."""
-
-    claimed: int = 0
-    """States claimed from the server."""
-    executed: int = 0
-    """``executed`` reports accepted."""
-    errored: int = 0
-    """``errored`` reports accepted."""
-    pruned: int = 0
-    """``prune`` reports accepted."""
-    requeued: int = 0
-    """``re-enqueue-after`` reports accepted."""
-    rejected: int = 0
-    """Reports refused with a 4xx (the state was finished, unknown or claimed again)."""
-    undelivered: int = 0
-    """Reports still failing when shutdown gave up on them (each one is logged in full)."""
-
-    @property
-    def reported(self) -> int:
-        """Reports accepted by the server, of any kind."""
-        return self.executed + self.errored + self.pruned + self.requeued
-
-
-@dataclass(frozen=True)
-class _Report:
-    kind: str  # the last path segment: executed, errored, prune, re-enqueue-after
-    body: dict[str, Any]
-
-
-@dataclass
 class _Claim:
     state_id: str
     node_name: str
     inputs: dict[str, Any]
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
 
-
-class _Abandoned(Exception):
-    """Shutdown stopped retrying a request."""
-
-
-# Answers to a report that mean "never with this body" rather than "not your state".
-_UNACCEPTABLE_REPORT = frozenset({413, 422})
-
-_STAT_FOR_KIND = {
-    "executed": "executed",
-    "errored": "errored",
-    "prune": "pruned",
-    "re-enqueue-after": "requeued",
-}
+    def settled(self) -> None:
+        """The state's report is settled: the claim needs no more heartbeats."""
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
 
 
 class Runtime:
@@ -176,14 +136,13 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._force_event: asyncio.Event | None = None
-        self._abandon_event: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
         self._finished: asyncio.Event | None = None
         self._api: ApiClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[asyncio.Task[None], _Claim] = {}
         self._inflight_claim: asyncio.Future[list[Any]] | None = None
-        self._reports: set[asyncio.Task[None]] = set()
+        self._reporter: Reporter | None = None
 
     # --- configuration -------------------------------------------------------------------
 
@@ -303,7 +262,6 @@ class Runtime:
         self._loop = loop
         self._stop_event = asyncio.Event()
         self._force_event = asyncio.Event()
-        self._abandon_event = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._finished = asyncio.Event()
         self._set_stop_events()
@@ -322,6 +280,7 @@ class Runtime:
             max_connections=self._workers * 2 + 4,
             transport=self._transport,
         )
+        self._reporter = Reporter(self._api, self._backoff, self.stats, self._slot_freed.set)
         try:
             registered = await self._register()
             if registered:
@@ -335,6 +294,7 @@ class Runtime:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 await self._api.aclose()
                 self._api = None
+                self._reporter = None
                 self._executor = None
                 self._loop = None
                 self._finished.set()
@@ -389,7 +349,7 @@ class Runtime:
                     api.send("PUT", api.url("nodes", trailing_slash=True), json=body)
                 )
             except httpx.TransportError as exc:
-                logger.warning("cannot register nodes yet (%s); retrying", _describe_exc(exc))
+                logger.warning("cannot register nodes yet (%s); retrying", describe_exc(exc))
             else:
                 if response is None:
                     return False
@@ -443,7 +403,7 @@ class Runtime:
             try:
                 states = poll.result()
             except (httpx.TransportError, ApiError, ValueError, KeyError) as exc:
-                logger.warning("claiming states failed: %s", _describe_exc(exc))
+                logger.warning("claiming states failed: %s", describe_exc(exc))
                 await self._sleep_unless_stopped(
                     max(self._backoff.delay(failures), self._poll_interval)
                 )
@@ -457,7 +417,7 @@ class Runtime:
                 continue
             now = loop.time()
             if until_idle:
-                if self._running or self._reports:
+                if self._running or self._require_reporter().pending:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = started
@@ -468,7 +428,7 @@ class Runtime:
                 pause = self._poll_interval
                 if until_idle:
                     pause = min(pause, max(idle_timeout / 4, 0.01))
-                if self._running or self._reports:
+                if self._running or self._require_reporter().pending:
                     # Wake up as soon as a worker finishes: its report may create work.
                     assert self._slot_freed is not None
                     self._slot_freed.clear()
@@ -527,17 +487,20 @@ class Runtime:
                 claim.state_id,
                 claim.node_name,
             )
-            self._submit(claim, _Report("errored", {"error": _SHUTDOWN_ERROR}))
+            self._report(claim, "errored", {"error": _SHUTDOWN_ERROR})
             raise
-        self._submit(claim, report)
+        self._report(claim, *report)
 
-    async def _execute(self, claim: _Claim) -> _Report:
+    def _report(self, claim: _Claim, kind: str, body: dict[str, Any]) -> None:
+        report = Report(claim.state_id, claim.node_name, kind, body)
+        self._require_reporter().submit(report, settled=claim.settled)
+
+    async def _execute(self, claim: _Claim) -> tuple[str, dict[str, Any]]:
+        """Run the state's node; return the report to send as (kind, body)."""
         node_cls = self._nodes.get(claim.node_name)
         if node_cls is None:
-            return _Report(
-                "errored",
-                {"error": f"node {claim.node_name!r} is not served by runtime {self._name!r}"},
-            )
+            error = f"node {claim.node_name!r} is not served by runtime {self._name!r}"
+            return "errored", {"error": error}
         try:
             secrets: dict[str, Any] = {}
             if node_cls.Secrets.model_fields:
@@ -548,11 +511,11 @@ class Runtime:
             result = await node._run(inputs_model, secrets_model, self._executor)
             outputs = normalize_outputs(claim.node_name, result)
         except PruneSignal as prune:
-            return _Report("prune", prune.to_body())
+            return "prune", prune.to_body()
         except ReQueueAfterSignal as requeue:
-            return _Report("re-enqueue-after", requeue.to_body())
-        except _Abandoned:
-            return _Report("errored", {"error": _SHUTDOWN_ERROR})
+            return "re-enqueue-after", requeue.to_body()
+        except Abandoned:
+            return "errored", {"error": _SHUTDOWN_ERROR}
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -562,16 +525,18 @@ class Runtime:
                 "state %s (%s) failed: %s",
                 claim.state_id,
                 claim.node_name,
-                _describe_exc(exc),
+                describe_exc(exc),
                 exc_info=exc,
             )
-            return _Report("errored", {"error": _describe_exc(exc)})
-        return _Report("executed", {"outputs": outputs})
+            return "errored", {"error": describe_exc(exc)}
+        return "executed", {"outputs": outputs}
 
     async def _fetch_secrets(self, state_id: str) -> dict[str, Any]:
         api = self._require_api()
         try:
-            body = await self._retrying("GET", api.url("state", state_id, "secrets"), None)
+            body = await self._require_reporter().request(
+                "GET", api.url("state", state_id, "secrets"), None
+            )
         except StateGoneError as exc:
             logger.warning("no secrets for state %s: %s", state_id, exc)
             return {}
@@ -586,7 +551,7 @@ class Runtime:
             try:
                 response = await api.send("POST", path, json={})
             except httpx.TransportError as exc:
-                logger.debug("heartbeat of %s failed: %s", state_id, _describe_exc(exc))
+                logger.debug("heartbeat of %s failed: %s", state_id, describe_exc(exc))
                 continue
             status = response.status_code
             if status == 200 or is_retryable_status(status):
@@ -603,102 +568,11 @@ class Runtime:
                 )
             return
 
-    # --- reporting -----------------------------------------------------------------------
-
-    def _submit(self, claim: _Claim, report: _Report) -> None:
-        task = asyncio.create_task(self._deliver(claim, report))
-        self._reports.add(task)
-        task.add_done_callback(self._on_report_done)
-
-    def _on_report_done(self, task: asyncio.Task[None]) -> None:
-        self._reports.discard(task)
-        if self._slot_freed is not None:
-            self._slot_freed.set()
-
-    async def _deliver(self, claim: _Claim, report: _Report) -> None:
-        api = self._require_api()
-        try:
-            await self._retrying("POST", api.url("state", claim.state_id, report.kind), report.body)
-        except StateGoneError as exc:
-            if report.kind != "errored" and exc.status_code in _UNACCEPTABLE_REPORT:
-                # The server will never take this result (too many outputs, a body it
-                # cannot parse): fail the attempt instead, so the retry policy applies.
-                logger.error(
-                    "%s report of state %s refused (HTTP %d: %s); reporting it as errored",
-                    report.kind,
-                    claim.state_id,
-                    exc.status_code,
-                    exc.detail,
-                )
-                error = f"{report.kind} report refused with HTTP {exc.status_code}: {exc.detail}"
-                self._submit(claim, _Report("errored", {"error": error}))
-                return
-            self.stats.rejected += 1
-            logger.warning(
-                "%s report of state %s refused, the state is no longer ours: %s",
-                report.kind,
-                claim.state_id,
-                exc.detail,
-            )
-        except _Abandoned:
-            self.stats.undelivered += 1
-            logger.error(
-                "gave up delivering the %s report of state %s (%s) at shutdown; body: %r",
-                report.kind,
-                claim.state_id,
-                claim.node_name,
-                report.body,
-            )
-        except Exception:  # pragma: no cover - a bug here must not stop the runtime
-            self.stats.undelivered += 1
-            logger.exception(
-                "unexpected failure delivering the %s report of state %s; body: %r",
-                report.kind,
-                claim.state_id,
-                report.body,
-            )
-        else:
-            name = _STAT_FOR_KIND[report.kind]
-            setattr(self.stats, name, getattr(self.stats, name) + 1)
-        if claim.heartbeat is not None:
-            claim.heartbeat.cancel()
-
-    async def _retrying(self, method: str, path: str, body: Any) -> Any:
-        """Send until the server answers 200; 4xx raises ``StateGoneError``.
-
-        Network errors and retryable statuses are retried with backoff until shutdown
-        abandons pending requests (``_Abandoned``).
-        """
-        api = self._require_api()
-        assert self._abandon_event is not None
-        attempt = 0
-        while True:
-            try:
-                response = await api.send(method, path, json=body)
-            except httpx.TransportError as exc:
-                problem = _describe_exc(exc)
-            else:
-                payload = response_body(response)
-                if response.status_code == 200:
-                    return payload
-                if not is_retryable_status(response.status_code):
-                    raise StateGoneError(method, path, response.status_code, payload)
-                problem = f"HTTP {response.status_code}"
-            delay = self._backoff.delay(attempt)
-            attempt += 1
-            logger.warning(
-                "%s %s failed (%s); retry %d in %.1f s", method, path, problem, attempt, delay
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._abandon_event.wait(), timeout=delay)
-            if self._abandon_event.is_set():
-                raise _Abandoned
-
     # --- shutdown ------------------------------------------------------------------------
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self._force_event is not None and self._abandon_event is not None
+        assert self._force_event is not None
         deadline = loop.time() + self._graceful_shutdown_timeout
         poll, self._inflight_claim = self._inflight_claim, None
         if poll is not None:
@@ -735,20 +609,9 @@ class Runtime:
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
-        if self._reports:
-            logger.info("delivering %d pending report(s)", len(self._reports))
-        deadline = loop.time() + self._shutdown_report_timeout
-        # A delivery may queue a follow-up report (errored after a refused result), so
-        # look at the set again until it is empty.
-        while self._reports and loop.time() < deadline:
-            await asyncio.wait(list(self._reports), timeout=deadline - loop.time())
-        if self._reports:
-            self._abandon_event.set()
-            while self._reports:
-                await asyncio.gather(*list(self._reports), return_exceptions=True)
+        await self._require_reporter().flush(self._shutdown_report_timeout)
         for claim in list(self._running.values()):  # pragma: no cover - defensive
-            if claim.heartbeat is not None:
-                claim.heartbeat.cancel()
+            claim.settled()
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -756,6 +619,11 @@ class Runtime:
         if self._api is None:
             raise RuntimeError("the runtime is not running")
         return self._api
+
+    def _require_reporter(self) -> Reporter:
+        if self._reporter is None:
+            raise RuntimeError("the runtime is not running")
+        return self._reporter
 
     async def _until_stopped[T](self, coro: Coroutine[Any, Any, T]) -> T | None:
         """Await ``coro`` unless a stop is requested first (then cancel it, return None)."""
@@ -797,11 +665,6 @@ class Runtime:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _describe_exc(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _configure_default_logging() -> None:
