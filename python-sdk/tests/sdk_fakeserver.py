@@ -73,6 +73,7 @@ class Call:
     method: str
     path: str
     body: Any
+    user_agent: str = ""
     status: int | None = None  # None when the fake raised a transport error
 
 
@@ -137,7 +138,7 @@ class FakeStateManager:
         method = request.method
         path = request.url.path
         body = json.loads(request.content) if request.content else None
-        call = Call(method, path, body)
+        call = Call(method, path, body, request.headers.get("user-agent", ""))
         self.calls.append(call)
         if request.headers.get("x-api-key") != self.key:
             call.status = 401

@@ -112,6 +112,7 @@ async def test_registers_claims_executes_and_reports(
     assert fake.states[none].outputs == []
     assert stats.claimed == 3
     assert stats.executed == 3
+    assert {call.user_agent for call in fake.calls} == {"exospherehost-python/0.0.3"}
 
 
 async def test_errors_and_signals_are_reported(

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import httpx
 
+from ._version import VERSION
 from .errors import ApiError
 
 __all__ = ["ApiClient", "Backoff", "is_retryable_status", "response_body"]
@@ -77,7 +78,7 @@ class ApiClient:
         self.timeout = timeout
         self.client = httpx.AsyncClient(
             base_url=uri.rstrip("/"),
-            headers={"x-api-key": key},
+            headers={"x-api-key": key, "user-agent": f"exospherehost-python/{VERSION}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(
                 max_connections=max_connections,
