@@ -208,6 +208,37 @@ async def test_run_graph_structure(client: httpx.AsyncClient) -> None:
     assert set(parents.values()) == a_ids
     assert view["execution_summary"] == {**ALL_ZERO, "SUCCESS": 3, "ERRORED": 1}
 
+    # A uniting node appears once its target's whole fan-out group is done, with an edge
+    # from the target state (its direct parent).
+    await api.register(node("J", inputs=("w",)))
+    await api.create_graph(
+        "u",
+        {
+            "nodes": [
+                template_node("A", "a", NS, {"x": "1"}, ["b"]),
+                template_node("B", "b", NS, {"z": "${{ a.outputs.y }}"}),
+                template_node(
+                    "J", "j", NS, {"w": "${{ a.outputs.y }}"}, unites={"identifier": "a"}
+                ),
+            ]
+        },
+    )
+    joined = await api.trigger("u")
+    a = await api.claim_one("A")
+    await api.executed(a["state_id"], {"y": "1"}, {"y": "2"})
+    bs = await api.claim("B")
+    await api.executed(bs[0]["state_id"])
+    assert await api.claim("J") == []
+    await api.executed(bs[1]["state_id"])
+    j = await api.claim_one("J")
+    assert j["inputs"] == {"w": "1"}  # from the target state the group is named after
+    view = await api.run_graph(joined)
+    assert view["node_count"] == 5 and view["edge_count"] == 3
+    assert {"source": a["state_id"], "target": j["state_id"]} in view["edges"]
+    details = await api.node_details("u", joined, j["state_id"])
+    assert details["parents"] == {"a": a["state_id"]}
+    assert view["execution_summary"] == {**ALL_ZERO, "SUCCESS": 4, "QUEUED": 1}
+
     # Unknown runs, and runs of another namespace, give an empty structure (not 404).
     empty = {
         "root_states": [],
