@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import sdk_scenario
 from exospherehost import GraphNodeModel, Runtime, StateManager
+from exospherehost._http import Backoff
 from exospherehost.errors import GraphValidationError
 from exospherehost.models import RunStatus, RunSummary
 from sdk_serverproc import ServerProcess, start_server, stop_server, unique_namespace
@@ -326,3 +328,68 @@ async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
             worker.kill()
             worker.wait()
         stop_server(server)
+
+
+class LosingTransport(httpx.AsyncHTTPTransport):
+    """The network, made unreliable: the first answer to every report is lost after the
+    server applied it, and every third claim request fails before it is sent."""
+
+    REPORTS = frozenset({"executed", "errored", "prune", "re-enqueue-after"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: Counter[str] = Counter()
+        self.claims = 0
+        self._answered: set[str] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        kind = path.rsplit("/", 1)[-1]
+        if kind == "enqueue":
+            self.claims += 1
+            if self.claims % 3 == 0:
+                raise httpx.ConnectError("connection refused (injected)", request=request)
+        response = await super().handle_async_request(request)
+        if kind in self.REPORTS and path not in self._answered:
+            self._answered.add(path)
+            await response.aread()
+            await response.aclose()
+            self.lost[kind] += 1
+            raise httpx.RemoteProtocolError("connection lost after the request", request=request)
+        return response
+
+
+async def test_lost_answers_neither_lose_nor_repeat_work(
+    sm_server: ServerProcess, manager: StateManager
+) -> None:
+    """Every report's first answer is lost after the server applied it: the runtime
+    retries, the server refuses the duplicate, and the run's counts are exactly those of
+    a clean run."""
+    transport = LosingTransport()
+    runtime = Runtime(
+        manager.namespace,
+        "unreliable-network",
+        sdk_scenario.NODES,
+        state_manager_uri=sm_server.uri,
+        key=sm_server.key,
+        workers=8,
+        wait_ms=1000,
+        retry_backoff=Backoff(base=0.01, cap=0.1),
+        transport=transport,
+    )
+    await runtime.run_until_idle(idle_timeout=0.2)
+    await upsert_scenario(manager)
+    run = await manager.trigger("scenario", store={"count": "50", "label": "lossy"})
+
+    stats = await runtime.run_until_idle(idle_timeout=1.0)
+
+    summary = await manager.get_run(run["run_id"])
+    assert summary.status is RunStatus.SUCCESS
+    expected = sdk_scenario.expected_counts(50)
+    assert summary.model_dump(include=set(expected)) == expected
+    assert transport.lost["executed"] > 50
+    assert transport.lost["errored"] == 2
+    assert transport.lost["prune"] == 1
+    assert transport.lost["re-enqueue-after"] == 1
+    assert stats.undelivered == 0
+    assert stats.rejected >= transport.lost["executed"]
