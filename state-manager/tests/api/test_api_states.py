@@ -179,7 +179,19 @@ async def test_executed_with_zero_one_and_many_outputs(client: httpx.AsyncClient
     assert r.json() == {"status": "EXECUTED"}
     view = await api.run_graph(zero)
     assert _statuses(view) == [("a", "NEXT_CREATED_ERROR")]
-    assert "y" in view["nodes"][0]["error"]
+    assert view["nodes"][0]["error"] == (
+        "Could not create next states: output 'a.outputs.y' was not produced"
+    )
+    # A non-string value cannot be put in a successor's input either.
+    bad = await api.trigger("g")
+    a = await api.claim_one("A")
+    await api.executed(a["state_id"], {"y": "ok"}, {"y": 5})
+    view = await api.run_graph(bad)
+    assert _statuses(view) == [("a", "NEXT_CREATED_ERROR")] * 2  # the whole report fails
+    assert {n["error"] for n in view["nodes"]} == {
+        "Could not create next states: Value of 'a.outputs.y' must be a string, got int"
+    }
+    assert await api.claim("B") == []
 
 
 async def test_executed_errors(client: httpx.AsyncClient) -> None:
