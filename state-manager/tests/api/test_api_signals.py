@@ -3,6 +3,7 @@ every state route gives for unknown, malformed and foreign state ids."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -174,9 +175,13 @@ async def test_manual_retry_of_finished_states(
     assert (rows[new_id].fanout_id, rows[new_id].manual_retry_fanout_id) == ("f1", "f1")
     assert rows[new_id].retry_count == 0
     assert rows[sid].error == "bad"
-    # The same fanout_id again is a duplicate (the original is RETRY_CREATED: terminal).
-    r = await api.post_state(sid, "manual-retry", {"fanout_id": "f1"})
-    expect_error(r, 409, "Duplicate retry state detected")
+    # The same fanout_id again is a duplicate (the original is RETRY_CREATED: terminal),
+    # also when requests race.
+    responses = await asyncio.gather(
+        *(api.post_state(sid, "manual-retry", {"fanout_id": "f1"}) for _ in range(4))
+    )
+    for r in responses:
+        expect_error(r, 409, "Duplicate retry state detected")
 
     # The retry runs like the original; a SUCCESS state can be retried too and its
     # successors are created again.

@@ -310,3 +310,36 @@ async def test_errored_errors(client: httpx.AsyncClient) -> None:
     expect_error(r, 400, "State is not queued")
     r = await api.post_state(unclaimed, "errored", {"error": "x"})
     expect_error(r, 400, "State is not queued or executed")
+
+
+async def test_concurrent_reports_for_one_state_succeed_exactly_once(
+    client: httpx.AsyncClient,
+) -> None:
+    api = Api(client, NS)
+    await _two_step(api, retry_policy={"max_retries": 0})
+    run_id = await api.trigger("g")
+    sid = (await api.claim_one("A"))["state_id"]
+    calls = [
+        *(("executed", {"outputs": [{"y": str(i)}]}) for i in range(3)),
+        *(("errored", {"error": "e"}) for _ in range(3)),
+        *(("prune", {"data": {}}) for _ in range(2)),
+        *(("re-enqueue-after", {"enqueue_after": 3_600_000}) for _ in range(2)),
+    ]
+    responses = await asyncio.gather(*(api.post_state(sid, a, b) for a, b in calls))
+    winners = [(a, r.json()) for (a, _), r in zip(calls, responses, strict=True) if r.is_success]
+    assert len(winners) == 1, winners
+    for r in responses:
+        if not r.is_success:
+            assert expect_error(r, 400) in (
+                "State is not queued",
+                "State is not queued or executed",
+                "State is already executed",
+            )
+    action, _ = winners[0]
+    expected = {
+        "executed": [("a", "SUCCESS"), ("b", "CREATED")],
+        "errored": [("a", "ERRORED")],
+        "prune": [("a", "PRUNED")],
+        "re-enqueue-after": [("a", "CREATED")],
+    }[action]
+    assert _statuses(await api.run_graph(run_id)) == expected
