@@ -193,7 +193,7 @@ def main() -> None:
         workers=8,
         batch_size=8,
         poll_interval=0.2,
-        wait_ms=5000,
+        wait_ms=2000,
         heartbeat_interval=1.0,
     ).start()
 
