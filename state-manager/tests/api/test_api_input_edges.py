@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 
 import httpx
-import pytest
 from sm_api import REQUEST_ID_HEADER, Api, node, template_node
 
 NS = "edges"
@@ -33,11 +32,6 @@ def _problem(label: str, r: httpx.Response, allowed: tuple[int, ...]) -> str | N
     return None
 
 
-@pytest.mark.xfail(
-    reason="integers beyond 64 bits reach the database and fail there: 500 for "
-    "GET runs/{huge page}/{size}, trigger start_delay and re-enqueue-after enqueue_after",
-    strict=True,
-)
 async def test_out_of_range_integers_are_client_errors(client: httpx.AsyncClient) -> None:
     api = Api(client, NS)
     await _graph(api)
@@ -68,17 +62,8 @@ async def test_out_of_range_integers_are_client_errors(client: httpx.AsyncClient
 
 
 async def test_nul_characters_in_text_are_never_a_500(
-    client: httpx.AsyncClient, backend: str, request: pytest.FixtureRequest
+    client: httpx.AsyncClient,
 ) -> None:
-    if backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="PostgreSQL text columns reject U+0000: 500 for a NUL in a namespace "
-                "or graph name in the URL, a run id, errored's error, manual-retry's "
-                "fanout_id, enqueue's node names, trigger store values, registration names",
-                strict=True,
-            )
-        )
     api = Api(client, NS)
     await _graph(api)
     ok = (200, 201, 400, 404, 422)
@@ -112,18 +97,8 @@ async def test_nul_characters_in_text_are_never_a_500(
 
 
 async def test_long_names_are_never_a_500(
-    client: httpx.AsyncClient, backend: str, request: pytest.FixtureRequest
+    client: httpx.AsyncClient,
 ) -> None:
-    if backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="PostgreSQL index rows are limited to ~8 kB: an incompressible "
-                "9,000-character namespace, node name, graph name or store key gives 500; "
-                "a graph with such an identifier is accepted and VALID, then every trigger "
-                "gives 500",
-                strict=True,
-            )
-        )
     api = Api(client, NS)
     await api.register(node("A", inputs=("x",)))
     long = secrets.token_hex(4500)

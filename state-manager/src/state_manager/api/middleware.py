@@ -58,11 +58,26 @@ def route_template(scope: Scope) -> str:
     return "unmatched"
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while reading a body past the limit; FastAPI answers it as a 413."""
+class RejectedRequest(HTTPException):
+    """Raised while reading a request that is refused as a whole; answered as a JSON error.
 
+    Being an ``HTTPException``, it also passes through FastAPI's body parsing unchanged.
+    """
+
+
+class BodyTooLarge(RejectedRequest):
     def __init__(self, limit: int) -> None:
         super().__init__(status_code=413, detail=f"Request body exceeds {limit} bytes")
+
+
+class NulCharacter(RejectedRequest):
+    """Text with U+0000 cannot be stored (PostgreSQL refuses it), so it is refused up front."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(status_code=400, detail=f"The request {where} contains a NUL character")
+
+
+NUL_ESCAPE = b"\\u0000"
 
 
 def _json_response(status: int, body: dict[str, Any], request_id: str) -> list[Message]:
@@ -101,13 +116,19 @@ class RequestContextMiddleware:
         declared = headers.get("content-length")
         received = 0
 
+        tail = b""
+
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, tail
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk: bytes = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if NUL_ESCAPE in tail + chunk or b"\x00" in chunk:
+                    raise NulCharacter("body")
+                tail = chunk[-(len(NUL_ESCAPE) - 1) :]
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -124,11 +145,19 @@ class RequestContextMiddleware:
         try:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(limit)
+            if "\x00" in scope.get("path", ""):
+                raise NulCharacter("path")
             await self.app(scope, limited_receive, send_with_id)
-        except BodyTooLarge as exc:
+        except RejectedRequest as exc:
             if not status_holder["sent"]:
                 await self._finish(
-                    scope, send, 413, {"detail": exc.detail}, request_id, started, status_holder
+                    scope,
+                    send,
+                    exc.status_code,
+                    {"detail": exc.detail},
+                    request_id,
+                    started,
+                    status_holder,
                 )
                 return
         except Exception:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, status
 
 from state_manager.api import schemas
-from state_manager.domain.models import GraphSpec, StateStatus
+from state_manager.domain.models import NAME_MAX_LENGTH, GraphSpec, StateStatus
 from state_manager.errors import InvalidRequest
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context, iso
@@ -21,6 +21,11 @@ def get_context(request: Request) -> Context:
 
 
 ContextDep = Annotated[Context, Depends(get_context)]
+# Path names are bounded like body names: they are stored in indexed columns.
+Namespace = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
+GraphName = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
+RunId = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
+MAX_PAGE = 1_000_000_000
 
 
 async def require_api_key(
@@ -49,7 +54,7 @@ async def list_namespaces(ctx: ContextDep) -> schemas.NamespacesResponse:
 
 @ns.put("/nodes/", tags=["nodes"])
 async def register_nodes(
-    namespace_name: str, body: schemas.RegisterNodesRequest, ctx: ContextDep
+    namespace_name: Namespace, body: schemas.RegisterNodesRequest, ctx: ContextDep
 ) -> schemas.RegisterNodesResponse:
     await graphs.register_nodes(
         ctx, namespace_name, body.runtime_name, [n.model_dump() for n in body.nodes]
@@ -60,7 +65,7 @@ async def register_nodes(
 
 
 @ns.get("/nodes/", tags=["nodes"])
-async def list_nodes(namespace_name: str, ctx: ContextDep) -> schemas.ListNodesResponse:
+async def list_nodes(namespace_name: Namespace, ctx: ContextDep) -> schemas.ListNodesResponse:
     rows = await graphs.list_nodes(ctx, namespace_name)
     nodes = [
         schemas.RegisteredNodeDocument(
@@ -91,7 +96,10 @@ def _graph_fields(template: TemplateRow) -> dict[str, Any]:
 
 @ns.put("/graph/{graph_name}", status_code=status.HTTP_201_CREATED, tags=["graphs"])
 async def upsert_graph(
-    namespace_name: str, graph_name: str, body: schemas.UpsertGraphRequest, ctx: ContextDep
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    body: schemas.UpsertGraphRequest,
+    ctx: ContextDep,
 ) -> schemas.GraphResponse:
     spec = GraphSpec(
         nodes=body.nodes,
@@ -104,13 +112,15 @@ async def upsert_graph(
 
 
 @ns.get("/graph/{graph_name}", tags=["graphs"])
-async def get_graph(namespace_name: str, graph_name: str, ctx: ContextDep) -> schemas.GraphResponse:
+async def get_graph(
+    namespace_name: Namespace, graph_name: GraphName, ctx: ContextDep
+) -> schemas.GraphResponse:
     template = await graphs.get_graph(ctx, namespace_name, graph_name)
     return schemas.GraphResponse(**_graph_fields(template))
 
 
 @ns.get("/graphs/", tags=["graphs"])
-async def list_graphs(namespace_name: str, ctx: ContextDep) -> schemas.ListGraphsResponse:
+async def list_graphs(namespace_name: Namespace, ctx: ContextDep) -> schemas.ListGraphsResponse:
     templates = [
         schemas.GraphDocument(id=t.id, name=t.name, namespace=t.namespace, **_graph_fields(t))
         for t in await graphs.list_graphs(ctx, namespace_name)
@@ -122,7 +132,7 @@ async def list_graphs(namespace_name: str, ctx: ContextDep) -> schemas.ListGraph
 
 @ns.post("/graph/{graph_name}/trigger", tags=["runs"])
 async def trigger_graph(
-    namespace_name: str, graph_name: str, body: schemas.TriggerRequest, ctx: ContextDep
+    namespace_name: Namespace, graph_name: GraphName, body: schemas.TriggerRequest, ctx: ContextDep
 ) -> schemas.TriggerResponse:
     run_id = await runs.trigger(
         ctx, namespace_name, graph_name, body.store, body.inputs, body.start_delay
@@ -135,7 +145,7 @@ async def trigger_graph(
 
 @ns.post("/states/enqueue", tags=["states"])
 async def enqueue_states(
-    namespace_name: str, body: schemas.EnqueueRequest, ctx: ContextDep
+    namespace_name: Namespace, body: schemas.EnqueueRequest, ctx: ContextDep
 ) -> schemas.EnqueueResponse:
     claimed = await states.enqueue(ctx, namespace_name, body.nodes, body.batch_size, body.wait_ms)
     return schemas.EnqueueResponse(
@@ -156,7 +166,7 @@ async def enqueue_states(
 
 @ns.post("/state/{state_id}/executed", tags=["states"])
 async def executed_state(
-    namespace_name: str, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
 ) -> schemas.ExecutedResponse:
     await states.executed(ctx, namespace_name, state_id, body.outputs)
     return schemas.ExecutedResponse()
@@ -164,7 +174,7 @@ async def executed_state(
 
 @ns.post("/state/{state_id}/errored", tags=["states"])
 async def errored_state(
-    namespace_name: str, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
 ) -> schemas.ErroredResponse:
     result = await states.errored(ctx, namespace_name, state_id, body.error)
     return schemas.ErroredResponse(status=result.status, retry_created=result.retry_created)
@@ -172,7 +182,7 @@ async def errored_state(
 
 @ns.post("/state/{state_id}/prune", tags=["states"])
 async def prune_state(
-    namespace_name: str, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
 ) -> schemas.PruneResponse:
     enqueue_after = await states.prune(ctx, namespace_name, state_id, body.data)
     return schemas.PruneResponse(enqueue_after=enqueue_after)
@@ -180,7 +190,7 @@ async def prune_state(
 
 @ns.post("/state/{state_id}/re-enqueue-after", tags=["states"])
 async def re_enqueue_after(
-    namespace_name: str, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
 ) -> schemas.ReEnqueueAfterResponse:
     enqueue_after = await states.requeue_after(ctx, namespace_name, state_id, body.enqueue_after)
     return schemas.ReEnqueueAfterResponse(enqueue_after=enqueue_after)
@@ -188,7 +198,7 @@ async def re_enqueue_after(
 
 @ns.post("/state/{state_id}/manual-retry", tags=["states"])
 async def manual_retry(
-    namespace_name: str, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
 ) -> schemas.ManualRetryResponse:
     new_id = await states.manual_retry(ctx, namespace_name, state_id, body.fanout_id)
     return schemas.ManualRetryResponse(id=new_id)
@@ -196,7 +206,7 @@ async def manual_retry(
 
 @ns.post("/state/{state_id}/heartbeat", tags=["states"])
 async def heartbeat(
-    namespace_name: str, state_id: str, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.HeartbeatResponse:
     until = await states.heartbeat(ctx, namespace_name, state_id)
     return schemas.HeartbeatResponse(lease_expires_at=until)
@@ -204,7 +214,7 @@ async def heartbeat(
 
 @ns.get("/state/{state_id}/secrets", tags=["states"])
 async def get_secrets(
-    namespace_name: str, state_id: str, ctx: ContextDep
+    namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.SecretsResponse:
     return schemas.SecretsResponse(secrets=await states.secrets_for(ctx, namespace_name, state_id))
 
@@ -214,10 +224,10 @@ async def get_secrets(
 
 @ns.get("/runs/{page}/{size}", tags=["runs"])
 async def list_runs(
-    namespace_name: str, page: int, size: int, ctx: ContextDep
+    namespace_name: Namespace, page: int, size: int, ctx: ContextDep
 ) -> schemas.RunsResponse:
-    if page < 1:
-        raise InvalidRequest("page must be at least 1")
+    if not 1 <= page <= MAX_PAGE:
+        raise InvalidRequest(f"page must be between 1 and {MAX_PAGE}")
     if not 1 <= size <= ctx.settings.max_page_size:
         raise InvalidRequest(f"size must be between 1 and {ctx.settings.max_page_size}")
     total, summaries = await runs.list_runs(ctx, namespace_name, page, size)
@@ -254,7 +264,9 @@ def _graph_node(state: StateRow) -> schemas.GraphNode:
 
 
 @ns.get("/states/run/{run_id}/graph", tags=["runs"])
-async def run_graph(namespace_name: str, run_id: str, ctx: ContextDep) -> schemas.RunGraphResponse:
+async def run_graph(
+    namespace_name: Namespace, run_id: RunId, ctx: ContextDep
+) -> schemas.RunGraphResponse:
     found = await runs.run_states(ctx, namespace_name, run_id)
     ids = {s.id for s in found}
     edges = [
@@ -276,7 +288,7 @@ async def run_graph(namespace_name: str, run_id: str, ctx: ContextDep) -> schema
 
 @ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"])
 async def node_run_details(
-    namespace_name: str, graph_name: str, run_id: str, node_id: str, ctx: ContextDep
+    namespace_name: Namespace, graph_name: GraphName, run_id: RunId, node_id: str, ctx: ContextDep
 ) -> schemas.NodeRunDetails:
     state = await runs.node_details(ctx, namespace_name, graph_name, run_id, node_id)
     return schemas.NodeRunDetails(

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from state_manager.domain.models import (
+    MAX_DELAY_MS,
+    Name,
     NodeTemplate,
     RetryPolicy,
     RunStatus,
@@ -27,14 +29,14 @@ class Body(BaseModel):
 
 
 class NodeRegistration(Body):
-    name: str
+    name: Name
     inputs_schema: dict[str, Any]
     outputs_schema: dict[str, Any]
-    secrets: list[str]
+    secrets: list[Name]
 
 
 class RegisterNodesRequest(Body):
-    runtime_name: str
+    runtime_name: Name
     nodes: list[NodeRegistration]
 
 
@@ -73,7 +75,7 @@ class NamespacesResponse(BaseModel):
 
 
 class UpsertGraphRequest(Body):
-    secrets: dict[str, str]
+    secrets: dict[Name, str]
     nodes: list[NodeTemplate]
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     store_config: StoreConfig = Field(default_factory=StoreConfig)
@@ -110,9 +112,9 @@ class ListGraphsResponse(BaseModel):
 
 
 class TriggerRequest(Body):
-    store: dict[str, str] = Field(default_factory=dict)
+    store: dict[Name, str] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
-    start_delay: int = Field(default=0, ge=0)
+    start_delay: int = Field(default=0, ge=0, le=MAX_DELAY_MS)
 
 
 class TriggerResponse(BaseModel):
@@ -182,7 +184,7 @@ class NodeRunDetails(BaseModel):
 
 
 class EnqueueRequest(Body):
-    nodes: list[str]
+    nodes: list[Name]
     batch_size: int
     wait_ms: int = Field(
         default=0,
@@ -233,7 +235,9 @@ class PruneResponse(BaseModel):
 
 
 class ReEnqueueAfterRequest(Body):
-    enqueue_after: int = Field(gt=0, description="Delay in milliseconds, relative to now.")
+    enqueue_after: int = Field(
+        gt=0, le=MAX_DELAY_MS, description="Delay in milliseconds, relative to now."
+    )
 
 
 class ReEnqueueAfterResponse(BaseModel):

@@ -8,11 +8,24 @@ rules here are the ones the v0 API answers with 422. Cross-node rules live in
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 RESERVED_IDENTIFIER = "store"
+# Names end up in indexed columns; PostgreSQL cannot index arbitrarily long text.
+NAME_MAX_LENGTH = 255
+# The longest delay a client may ask for (start_delay, re-enqueue-after): ten years in ms.
+MAX_DELAY_MS = 10 * 365 * 24 * 3_600_000
+
+Name = Annotated[str, StringConstraints(max_length=NAME_MAX_LENGTH)]
 
 
 class StateStatus(StrEnum):
@@ -74,7 +87,7 @@ def _trimmed_non_empty(value: str, what: str) -> str:
 class Unites(BaseModel):
     """Fan-in declaration: wait for every descendant of ``identifier``'s fan-out group."""
 
-    identifier: str
+    identifier: Name
     strategy: UnitesStrategy = UnitesStrategy.ALL_SUCCESS
 
     @field_validator("identifier")
@@ -86,11 +99,11 @@ class Unites(BaseModel):
 class NodeTemplate(BaseModel):
     """One node of a graph template."""
 
-    node_name: str
-    namespace: str
-    identifier: str
+    node_name: Name
+    namespace: Name
+    identifier: Name
     inputs: dict[str, Any]
-    next_nodes: list[str] | None = None
+    next_nodes: list[Name] | None = None
     unites: Unites | None = None
 
     @field_validator("node_name")
@@ -146,6 +159,8 @@ def _key_problems(keys: list[str]) -> list[str]:
     for key in keys:
         if not key:
             problems.append("Key cannot be empty")
+        elif len(key) > NAME_MAX_LENGTH:
+            problems.append(f"Key '{key[:20]}...' is longer than {NAME_MAX_LENGTH} characters")
         elif "." in key:
             problems.append(f"Key '{key}' cannot contain '.'")
         elif key in seen:
