@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import re
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class FakeState:
     data: dict[str, Any] | None = None
     heartbeats: int = 0
     claims: int = 0
+    lease_until: float = 0.0
 
 
 @dataclass
@@ -85,6 +87,9 @@ class FakeStateManager:
     heartbeat_route: bool = True
     long_poll: bool = True
     on_executed: Callable[[FakeState, list[dict[str, Any]]], None] | None = None
+    lease_seconds: float = 3600.0
+    chaos: float = 0.0  # probability that any request meets a random fault
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
 
     states: dict[str, FakeState] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
@@ -144,7 +149,11 @@ class FakeStateManager:
             call.status = 401
             return httpx.Response(401, json={"detail": "Invalid API key"})
         lose_answer = False
-        for fault in self.faults:
+        faults = list(self.faults)
+        if self.chaos and self.rng.random() < self.chaos:
+            kind = self.rng.choice(["status", "drop", "refuse", "timeout", "slow", "lose_answer"])
+            faults.insert(0, Fault(method, "", kind, status=503, delay=0.01))
+        for fault in faults:
             if not fault.matches(method, path):
                 continue
             fault.hits += 1
@@ -205,7 +214,12 @@ class FakeStateManager:
         return [
             state
             for state in self.states.values()
-            if state.status == "CREATED" and state.node_name in names and state.enqueue_after <= now
+            if state.node_name in names
+            and (
+                (state.status == "CREATED" and state.enqueue_after <= now)
+                # A claim whose lease ran out (its worker vanished) is handed out again.
+                or (state.status == "QUEUED" and state.lease_until <= now)
+            )
         ]
 
     async def _enqueue(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +238,7 @@ class FakeStateManager:
         for state in claimed:
             state.status = "QUEUED"
             state.claims += 1
+            state.lease_until = time.monotonic() + self.lease_seconds
         self.max_queued = max(self.max_queued, len(self.by_status("QUEUED")))
         return {
             "count": len(claimed),
@@ -259,6 +274,7 @@ class FakeStateManager:
             return 400, {"detail": "State is not queued"}
         if action == "heartbeat":
             state.heartbeats += 1
+            state.lease_until = time.monotonic() + self.lease_seconds
             return 200, {"lease_expires_at": 1}
         if action == "executed":
             state.status = "EXECUTED"

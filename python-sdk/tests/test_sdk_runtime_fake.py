@@ -646,3 +646,33 @@ async def test_a_node_calling_sys_exit_fails_only_its_attempt(
     assert fake.states[exiting].error == "SystemExit: 3"
     assert fake.states[interrupting].error == "KeyboardInterrupt"
     assert (stats.errored, stats.executed) == (2, 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_chaos_every_state_ends_with_its_own_outcome(
+    fake: FakeStateManager, make_runtime: MakeRuntime, seed: int
+) -> None:
+    """One request in four meets a random fault (5xx, refused or dropped connection,
+    timeout, slow answer, answer lost after the server applied the request), on every
+    route. Claims whose answer was lost come back when their lease runs out. Still,
+    every state ends exactly as its node decided, and the runtime finishes normally."""
+    fake.chaos = 0.25
+    fake.rng.seed(seed)
+    fake.lease_seconds = 0.3
+    echo = [fake.add_state("Echo", {"text": f"e{index}"}) for index in range(120)]
+    fail = [fake.add_state("Fail", {"why": f"f{index}"}) for index in range(20)]
+    prune = [fake.add_state("Signal", {"kind": "prune"}) for _ in range(20)]
+
+    stats = await make_runtime(
+        [Echo, Fail, Signal], workers=8, heartbeat_interval=0.05
+    ).run_until_idle(idle_timeout=0.6)
+
+    for index, state_id in enumerate(echo):
+        assert fake.states[state_id].outputs == [{"text": f"e{index}"}]
+    for index, state_id in enumerate(fail):
+        assert fake.states[state_id].status == "ERRORED"
+        assert fake.states[state_id].error == f"ValueError: f{index}"
+    assert all(fake.states[state_id].status == "PRUNED" for state_id in prune)
+    assert stats.undelivered == 0
+    assert sum(fault.hits for fault in fake.faults) == 0  # only the random faults were used
+    assert any(call.status is None for call in fake.calls)  # some requests did fail
