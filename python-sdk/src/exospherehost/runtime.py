@@ -21,7 +21,7 @@ How a runtime works:
   reports ``shutdown_report_timeout`` seconds more. Undeliverable reports are logged in
   full, never dropped silently. A claim request still held by the server (long poll) is
   waited for, not abandoned: states it brings are ours and are run like the others.
-  A second signal skips the waiting.
+  A second signal stops waiting for the claim and the nodes; reports still get their time.
 """
 
 from __future__ import annotations
