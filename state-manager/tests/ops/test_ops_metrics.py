@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sm_api import Api, expect_error, node, template_node
 from sm_support import RunningServer
+from state_manager.services import runs, states
 from state_manager.services.context import Context, now_ms
 
 NS = "ops-metrics"
@@ -74,12 +77,22 @@ def gauge(result: Scrape, name: str) -> dict[tuple[str, ...], float]:
     return out
 
 
-def shift_clock(server: RunningServer, by_ms: int) -> None:
-    """Move the server's notion of now forward by ``by_ms`` (every service reads ``ctx.clock``)."""
+def context_of(server: RunningServer) -> Context:
     app = server.server.config.app
     assert isinstance(app, FastAPI)
     context: Context = app.state.context
-    context.clock = lambda: now_ms() + by_ms
+    return context
+
+
+def shift_clock(server: RunningServer, by_ms: int) -> None:
+    """Move the server's notion of now forward by ``by_ms`` (every service reads ``ctx.clock``)."""
+    context_of(server).clock = lambda: now_ms() + by_ms
+
+
+async def on_server_loop[T](server: RunningServer, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` on the event loop of the server's thread and wait for its result."""
+    loop = server.server.servers[0].get_loop()
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, loop))
 
 
 async def test_counters_and_gauges_move_by_what_the_run_did(
@@ -251,6 +264,11 @@ async def test_lease_expiries_and_cron_fires_are_counted(
         expired = result.value("exosphere_lease_expiries_total", namespace=NS, node="A")
         return expired > 0 and result.value("exosphere_cron_fires_total", outcome="triggered") > 0
 
+    # The background loops would get there within seconds; run their steps now instead
+    # (on the server's event loop; whichever runs first does the work, exactly once).
+    context = context_of(server)
+    await on_server_loop(server, states.expire_leases(context))
+    await on_server_loop(server, runs.fire_due_trigger(context))
     s1 = await scrape(client)
     for _ in range(200):  # the loops run every few seconds; wait for both, but not forever
         if fired(s1):
