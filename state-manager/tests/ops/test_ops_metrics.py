@@ -3,7 +3,9 @@
 The run: a root node fans out to three children; one child succeeds, one errors
 (and gets a retry, which errors again and is out of retries), one is pruned.
 Time is moved forward through the server's clock (never by sleeping) so the
-delayed retry becomes claimable, which the backlog gauge must notice.
+delayed retry becomes claimable, which the backlog gauge must notice. The same
+trick makes a lease run out and an hourly cron come due, for the counters that
+the background loops move.
 """
 
 from __future__ import annotations
