@@ -52,6 +52,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: a request path can decode to several lines (%0A), and
+        # must not be able to forge a line of its own. Tracebacks still follow below.
+        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+
 
 def configure(level: str, *, json_lines: bool) -> None:
     """Route the root, uvicorn and state_manager loggers through one handler on stderr."""

@@ -337,14 +337,24 @@ def test_development_logs_are_text_lines_with_the_request_id(
             logs.request_id_var.reset(token)
         logging.getLogger("state_manager.test").debug("below the level")
         logging.getLogger("state_manager.test").warning("outside a request")
+        logging.getLogger("state_manager.test").info("GET /a\n2026 ERROR forged /b 200")
+        try:
+            raise ValueError("kept")
+        except ValueError:
+            logging.getLogger("state_manager.test").exception("failed")
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         logging.getLogger("uvicorn.access").disabled = access_disabled
         logging.getLogger("aiosqlite").setLevel(aiosqlite_level)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) > 4, lines
     assert lines[0].endswith(
         "INFO    state_manager.test [5a0e3d6c-1111-4222-8333-944455556666] hello there"
     ), lines
     assert lines[1].endswith("WARNING state_manager.test [None] outside a request"), lines
+    # A message cannot forge a line; a traceback still spans lines after its record.
+    assert lines[2].endswith(r"[None] GET /a\n2026 ERROR forged /b 200"), lines
+    assert lines[3].endswith("ERROR   state_manager.test [None] failed"), lines
+    assert lines[4] == "Traceback (most recent call last):", lines
+    assert lines[-1] == "ValueError: kept", lines
