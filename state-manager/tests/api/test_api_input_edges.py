@@ -6,7 +6,7 @@ import secrets
 
 import httpx
 import pytest
-from sm_api import REQUEST_ID_HEADER, Api, node, template_node
+from sm_api import REQUEST_ID_HEADER, Api, error_locations, expect_error, node, template_node
 
 NS = "edges"
 TOO_BIG = 10**20  # beyond a signed 64-bit integer
@@ -56,10 +56,19 @@ async def test_out_of_range_integers_are_client_errors(client: httpx.AsyncClient
         ),
     ]
     assert [p for p in problems if p] == []
-    # The state is untouched by the rejected request.
-    await api.executed(sid, {"y": "1"})
+    # Exactly: a page past the bound is 400, a delay past ten years is 422.
+    ten_years_ms = 10 * 365 * 24 * 3_600_000
     r = await client.get(f"{api.base}/runs/{TOO_BIG}/10")
-    assert r.status_code != 200 or r.json()["runs"] == []
+    expect_error(r, 400, "page must be between 1 and 1000000000")
+    assert (await client.get(f"{api.base}/runs/1000000000/10")).json()["runs"] == []
+    r = await api.trigger_raw("g", {"start_delay": ten_years_ms + 1})
+    assert error_locations(r) == [("body", "start_delay")]
+    r = await api.post_state(sid, "re-enqueue-after", {"enqueue_after": ten_years_ms + 1})
+    assert error_locations(r) == [("body", "enqueue_after")]
+    r = await api.trigger_raw("g", {"start_delay": ten_years_ms})
+    assert r.status_code == 200, r.text
+    # The state is untouched by the rejected requests.
+    await api.executed(sid, {"y": "1"})
 
 
 async def test_nul_characters_in_text_are_never_a_500(
@@ -141,6 +150,22 @@ async def test_long_names_are_never_a_500(
         checks.append(("trigger, identifier", await api.trigger_raw("g", {})))
     problems = [_problem(label, r, ok) for label, r in checks]
     assert [p for p in problems if p] == []
+    # Exactly: names are limited to 255 characters, checked as request validation.
+    locations = {
+        "register, namespace": ("path", "namespace_name"),
+        "register, node name": ("body", "nodes", 0, "name"),
+        "upsert, graph name": ("path", "graph_name"),
+        "trigger, store key": ("body", "store", long, "[key]"),
+        "upsert, identifier": ("body", "nodes", 0, "identifier"),
+    }
+    assert {label: error_locations(r)[0] for label, r in checks} == locations
+    longest = "n" * 255
+    await api.register(node(longest))
+    r = await api.upsert(longest, {"nodes": [template_node(longest, longest, NS)]})
+    assert r.status_code == 201, r.text
+    assert (await api.wait_validated(longest))["validation_status"] == "VALID"
+    await api.trigger(longest, store={longest: "v"})
+    assert len(await api.claim(longest)) == 1
 
 
 @pytest.mark.xfail(
