@@ -150,6 +150,7 @@ async def test_runs_listing_rejects_bad_pages(client: httpx.AsyncClient) -> None
     for page, size, detail in (
         (0, 10, "page must be between 1 and 1000000000"),
         (-1, 10, "page must be between 1 and 1000000000"),
+        (1_000_000_001, 10, "page must be between 1 and 1000000000"),
         (1, 0, "size must be between 1 and 1000"),
         (1, -5, "size must be between 1 and 1000"),
         (1, 1001, "size must be between 1 and 1000"),
