@@ -192,3 +192,72 @@ async def test_nested_fan_outs_join_once_per_group_at_each_level(
     (join_a_row,) = grouped["join_a"]
     assert join_a_row.parents["a"] == a["state_id"]
     assert join_a_row.created_at >= max(s.updated_at for s in grouped["join_b"])
+
+
+async def test_nested_joins_hold_under_concurrent_reports(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    """Branches of different groups finishing at the same moment, at both levels."""
+    api = Api(client, NS)
+    outer, inner = 6, 8
+    await api.register(
+        node("A", outputs=("x",)),
+        node("B", inputs=("x",), outputs=("y",)),
+        node("C", inputs=("y",)),
+        node("JoinB", inputs=("x",)),
+        node("JoinA", inputs=("x",)),
+    )
+    await api.create_graph(
+        "nested-race",
+        {
+            "nodes": [
+                template_node("A", "a", NS, {}, ["b"]),
+                template_node("B", "b", NS, {"x": "${{ a.outputs.x }}"}, ["c"]),
+                template_node("C", "c", NS, {"y": "${{ b.outputs.y }}"}, ["join_b"]),
+                template_node(
+                    "JoinB",
+                    "join_b",
+                    NS,
+                    {"x": "${{ a.outputs.x }}"},
+                    ["join_a"],
+                    unites={"identifier": "b", "strategy": "ALL_SUCCESS"},
+                ),
+                template_node(
+                    "JoinA",
+                    "join_a",
+                    NS,
+                    {"x": "${{ a.outputs.x }}"},
+                    unites={"identifier": "a", "strategy": "ALL_SUCCESS"},
+                ),
+            ]
+        },
+    )
+    run_id = await api.trigger("nested-race")
+    a = (await claim_exactly(api, "A", count=1))[0]
+    await api.executed(a["state_id"], *({"x": str(i)} for i in range(outer)))
+    b_states = await claim_exactly(api, "B", count=outer)
+
+    async def fan(state: dict[str, Any]) -> None:
+        x = state["inputs"]["x"]
+        await api.executed(state["state_id"], *({"y": f"{x}.{j}"} for j in range(inner)))
+
+    await for_each(b_states, fan, concurrency=outer)
+    c_states = await claim_exactly(api, "C", count=outer * inner)
+
+    async def done(state: dict[str, Any]) -> None:
+        await api.executed(state["state_id"])
+
+    await for_each(c_states, done, concurrency=16)
+    join_b = await claim_exactly(api, "JoinB", count=outer)
+    assert sorted(s["inputs"]["x"] for s in join_b) == [str(i) for i in range(outer)]
+    assert await api.claim("JoinA") == []
+    await for_each(join_b, done, concurrency=outer)
+    join_a = await claim_exactly(api, "JoinA", count=1)
+    await api.executed(join_a[0]["state_id"])
+
+    total = outer + outer * inner * 2 + outer + 1
+    run = await api.run_summary(run_id)
+    assert (run["status"], run["success_count"], run["total_count"]) == ("SUCCESS", total, total)
+    groups = await read_fanin_groups(server.settings.database_url, run_id)
+    assert len(groups) == 1 + outer
+    assert all((g["pending"], g["failed"]) == (0, 0) for g in groups)
