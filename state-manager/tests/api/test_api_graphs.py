@@ -378,3 +378,54 @@ async def test_validation_against_registered_nodes(client: httpx.AsyncClient) ->
     assert r.json()["validation_status"] == "PENDING"
     result = await api.wait_validated("g")
     assert (result["validation_status"], result["validation_errors"]) == ("VALID", [])
+
+
+async def test_runs_in_flight_keep_the_version_they_were_triggered_with(
+    client: httpx.AsyncClient,
+) -> None:
+    api = Api(client, NS)
+    await api.register(node("A", inputs=("x",), outputs=("y",)), node("B", inputs=("z",)))
+
+    def version(text: str, default: str, retries: int) -> dict[str, Any]:
+        return {
+            "nodes": [
+                template_node("A", "a", NS, {"x": "1"}, ["b"]),
+                template_node(
+                    "B", "b", NS, {"z": f"{text} ${{{{ store.d }}}} ${{{{ a.outputs.y }}}}"}
+                ),
+            ],
+            "store_config": {"default_values": {"d": default}},
+            "retry_policy": {"max_retries": retries, "strategy": "FIXED", "backoff_factor": 1},
+        }
+
+    await api.create_graph("g", version("v1", "d1", 0))
+    old_run = await api.trigger("g")
+    old_a = await api.claim_one("A")
+    await api.create_graph("g", version("v2", "d2", 1))
+    new_run = await api.trigger("g")
+    new_a = await api.claim_one("A")
+
+    await api.executed(old_a["state_id"], {"y": "Y"})
+    await api.executed(new_a["state_id"], {"y": "Y"})
+    bs = {s["state_id"]: s["inputs"]["z"] for s in await api.claim("B")}
+    old_b = next(sid for sid, z in bs.items() if z.startswith("v1"))
+    new_b = next(sid for sid, z in bs.items() if z.startswith("v2"))
+    assert sorted(bs.values()) == ["v1 d1 Y", "v2 d2 Y"]
+    # The retry policy is the run's too: no retry for the old run, one for the new.
+    assert (await api.errored(old_b))["retry_created"] is False
+    assert (await api.errored(new_b))["retry_created"] is True
+    assert (await api.run_summary(old_run))["status"] == "FAILED"
+    assert (await api.run_summary(new_run))["status"] == "PENDING"
+
+    # A re-upsert that is still PENDING (or even INVALID) does not stop a run in flight.
+    third = await api.trigger("g")
+    a = await api.claim_one("A")
+    r = await api.upsert("g", {"nodes": [template_node("Unregistered", "u", NS)]})
+    assert r.status_code == 201
+    assert (await api.wait_validated("g"))["validation_status"] == "INVALID"
+    await api.executed(a["state_id"], {"y": "Z"})
+    retry, b = sorted(await api.claim("B"), key=lambda s: s["inputs"]["z"])
+    assert (retry["inputs"]["z"], b["inputs"]["z"]) == ("v2 d2 Y", "v2 d2 Z")
+    await api.executed(b["state_id"])
+    assert (await api.run_summary(third))["status"] == "SUCCESS"
+    expect_error(await api.trigger_raw("g", {}), 400, "Graph template is not valid")
