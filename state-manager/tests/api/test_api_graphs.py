@@ -200,6 +200,20 @@ async def test_structural_errors_are_400_listing_every_problem(client: httpx.Asy
             ],
         ),
         ({"nodes": []}, ["Graph has no nodes"]),
+        (
+            {
+                "nodes": [
+                    _n("r", ["t", "x"]),
+                    _n("t"),
+                    _n("x", ["u"]),
+                    {**_n("u"), "unites": {"identifier": "t"}},
+                ]
+            },
+            [
+                "Node 'x' lists uniting node 'u' as next node but is neither 't' nor one of "
+                "its descendants"
+            ],
+        ),
         ({"nodes": [_n("a"), _n("b")]}, ["Graph has 2 root nodes (a, b); exactly one is required"]),
         (
             {"nodes": [_n("r", ["a"]), _n("a", ["b"]), _n("b", ["a"])]},
