@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from exospherehost import BaseNode, Runtime
 from sdk_fakeserver import FAST_BACKOFF, FakeStateManager
-from sdk_serverproc import ServerProcess, running_server
+from sdk_serverproc import ServerProcess, postgres_database, running_server
 
 
 @pytest.fixture
@@ -40,4 +40,14 @@ def make_runtime(fake: FakeStateManager) -> Callable[..., Runtime]:
 def sm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The real state manager, one per test session; tests isolate by namespace."""
     with running_server(tmp_path_factory.mktemp("state-manager")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sm_server_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real state manager on a fresh PostgreSQL database."""
+    with (
+        postgres_database() as url,
+        running_server(tmp_path_factory.mktemp("state-manager-pg"), database_url=url) as server,
+    ):
         yield server

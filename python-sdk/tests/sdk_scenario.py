@@ -16,6 +16,7 @@ of that run is done.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sys
@@ -71,11 +72,29 @@ class Split(BaseNode):
         return [self.Outputs(item=str(index)) for index in range(int(self.inputs.count))]
 
 
-class Work(BaseNode):
-    # Per-process memory: which items already failed or were re-enqueued, per run.
-    failures: Counter[str] = Counter()
-    requeued: set[str] = set()
+def attempt_number(key: str) -> int:
+    """How many times ``key`` was seen before, counted across worker processes when
+    ``SCENARIO_STATE_DIR`` names a shared directory (atomic file creation), else in memory.
+    """
+    folder = os.environ.get("SCENARIO_STATE_DIR")
+    if not folder:
+        seen = _SEEN[key]
+        _SEEN[key] += 1
+        return seen
+    stem = key.replace("/", "_")
+    for number in itertools.count():
+        try:
+            os.close(os.open(os.path.join(folder, f"{stem}.{number}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        return number
+    raise AssertionError("unreachable")
 
+
+_SEEN: Counter[str] = Counter()
+
+
+class Work(BaseNode):
     class Inputs(BaseModel):
         item: str
         label: str
@@ -88,17 +107,16 @@ class Work(BaseNode):
 
     async def execute(self) -> Outputs:
         item = self.inputs.item
-        key = f"{self.inputs.label}/{item}"
         if self.secrets.api_token != SECRET_VALUE:
             raise RuntimeError("wrong secret")
         if item == PRUNED_ITEM:
             raise PruneSignal({"item": item, "reason": "nothing to do"})
-        if item == REQUEUED_ITEM and key not in Work.requeued:
-            Work.requeued.add(key)
+        if item == REQUEUED_ITEM and attempt_number(f"requeue/{self.inputs.label}") == 0:
             raise ReQueueAfterSignal(timedelta(milliseconds=200))
-        if item == FLAKY_ITEM and Work.failures[key] < FLAKY_FAILURES:
-            Work.failures[key] += 1
-            raise ConnectionError(f"flaky failure {Work.failures[key]} of item {item}")
+        if item == FLAKY_ITEM:
+            failures = attempt_number(f"flaky/{self.inputs.label}")
+            if failures < FLAKY_FAILURES:
+                raise ConnectionError(f"flaky failure {failures + 1} of item {item}")
         return self.Outputs(result=f"{self.inputs.label}:{item}")
 
 

@@ -8,6 +8,7 @@ this directory on ``sys.path``). Self-contained on purpose: it depends only on t
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import os
 import secrets
 import signal
@@ -62,6 +63,7 @@ def start_server(
     port: int | None = None,
     key: str | None = None,
     encryption_key: str | None = None,
+    database_url: str | None = None,
 ) -> ServerProcess:
     """Start ``state-manager`` in production mode on SQLite and wait for ``/health``.
 
@@ -77,7 +79,7 @@ def start_server(
         {
             "STATE_MANAGER_SECRET": key,
             "SECRETS_ENCRYPTION_KEY": encryption_key,
-            "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite'}",
+            "DATABASE_URL": database_url or f"sqlite:///{workdir / 'db.sqlite'}",
             "EXOSPHERE_AUTO_MIGRATE": "1",
             "EXOSPHERE_DATA_DIR": str(workdir / "data"),
             "LOG_LEVEL": "WARNING",
@@ -130,11 +132,57 @@ def stop_server(server: ServerProcess) -> None:
             server.process.wait()
 
 
+POSTGRES_ADMIN_URL = os.environ.get(
+    "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_admin(statement: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    # In a thread of its own: the caller may be running inside an event loop.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database (dropped afterwards); yields its URL.
+
+    Skips the test when PostgreSQL is unreachable, except in CI, where it must be up.
+    """
+    import pytest
+
+    name = "exo_sdk_" + uuid.uuid4().hex[:12]
+    try:
+        _postgres_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {exc}")
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @contextmanager
 def running_server(
-    workdir: Path, *, extra_env: Mapping[str, str] | None = None
+    workdir: Path,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    database_url: str | None = None,
 ) -> Iterator[ServerProcess]:
-    server = start_server(workdir, extra_env=extra_env)
+    server = start_server(workdir, extra_env=extra_env, database_url=database_url)
     try:
         yield server
     finally:

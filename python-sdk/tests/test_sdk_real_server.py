@@ -25,12 +25,18 @@ RUN_TIMEOUT = 120.0
 WorkerFactory = Callable[[str], subprocess.Popen[bytes]]
 
 
-def spawn_worker(server: ServerProcess, namespace: str, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``sdk_scenario.py`` as a worker process of ``namespace``."""
+def spawn_worker(
+    server: ServerProcess, namespace: str, log_path: Path, state_dir: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``sdk_scenario.py`` as a worker process of ``namespace``; workers given the
+    same ``state_dir`` share the scenario's attempt counters."""
+    env = server.env()
+    if state_dir is not None:
+        env["SCENARIO_STATE_DIR"] = str(state_dir)
     with log_path.open("wb") as log:
         return subprocess.Popen(
             [sys.executable, str(SCENARIO), namespace],
-            env=server.env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -97,24 +103,48 @@ async def upsert_scenario(sm: StateManager, graph_name: str = "scenario") -> Non
     )
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 async def test_end_to_end_scenario(
-    sm_server: ServerProcess, manager: StateManager, start_worker: WorkerFactory
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Store inputs, a fan-out of 100, fan-in, retries, secrets, prune and re-enqueue,
-    with the runtime in another process; every run ends SUCCESS with exact counts."""
-    worker = start_worker(manager.namespace)
-    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
-    await upsert_scenario(manager)
+    served by two worker processes; every run ends SUCCESS with exact counts."""
+    server: ServerProcess = request.getfixturevalue(
+        "sm_server" if backend == "sqlite" else "sm_server_postgres"
+    )
+    namespace = unique_namespace("e2e")
+    workers = [
+        spawn_worker(server, namespace, tmp_path / f"worker-{index}.log", tmp_path)
+        for index in range(2)
+    ]
+    try:
+        await wait_registered(server, namespace, len(sdk_scenario.NODES))
+        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+            await run_scenario(sm)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            assert await asyncio.to_thread(worker.wait, 30) == 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
-    graph = await manager.get_graph("scenario")
+
+async def run_scenario(sm: StateManager) -> None:
+    await upsert_scenario(sm)
+    graph = await sm.get_graph("scenario")
     assert graph["validation_status"] == "VALID"
     assert graph["secrets"] == {"api_token": True}
 
     runs = [
-        await manager.trigger("scenario", store={"count": "100", "label": f"run{index}"})
+        await sm.trigger("scenario", store={"count": "100", "label": f"run{index}"})
         for index in range(2)
     ]
-    results = [await wait_run(manager, run["run_id"]) for run in runs]
+    results = [await wait_run(sm, run["run_id"]) for run in runs]
 
     expected = sdk_scenario.expected_counts(100)
     for result in results:
@@ -122,11 +152,11 @@ async def test_end_to_end_scenario(
         assert result.graph_name == "scenario"
         assert result.model_dump(include=set(expected)) == expected
 
-    listing = await manager.list_runs(1, 10)
+    listing = await sm.list_runs(1, 10)
     assert listing.total == 2
     assert {run.run_id for run in listing.runs} == {run["run_id"] for run in runs}
 
-    view = await manager.get_run_graph(runs[0]["run_id"])
+    view = await sm.get_run_graph(runs[0]["run_id"])
     assert view.graph_name == "scenario"
     assert view.status is RunStatus.SUCCESS
     assert view.count(identifier="merge") == 1
@@ -134,9 +164,9 @@ async def test_end_to_end_scenario(
     assert view.count(identifier="work", status="RETRY_CREATED") == 2
     assert view.count(identifier="split") == 100
     assert view.node_count == expected["total_count"]
-
-    worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0
+    [merge] = [node for node in view.nodes if node.identifier == "merge"]
+    details = await sm.get_run_node("scenario", runs[0]["run_id"], merge.id)
+    assert details.outputs == {"summary": "run0 merged 100 items"}
 
 
 async def test_sigterm_lets_the_running_node_finish(
