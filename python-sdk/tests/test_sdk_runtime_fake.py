@@ -676,3 +676,22 @@ async def test_chaos_every_state_ends_with_its_own_outcome(
     assert stats.undelivered == 0
     assert sum(fault.hits for fault in fake.faults) == 0  # only the random faults were used
     assert any(call.status is None for call in fake.calls)  # some requests did fail
+
+
+async def test_cancelling_the_runtime_task_still_drains(
+    fake: FakeStateManager, make_runtime: MakeRuntime, hold: type[Hold]
+) -> None:
+    """Cancelling the task of ``start()`` (as asyncio.run does on Ctrl-C) is a graceful
+    stop: the running node finishes and is reported before the task ends."""
+    state_id = fake.add_state("Hold", {"n": "1"})
+    runtime = make_runtime([hold])
+    task = runtime.start()
+    assert task is not None
+    await fake.wait_for(lambda: hold.running == 1)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    hold.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fake.states[state_id].outputs == [{"n": "1"}]
