@@ -56,7 +56,7 @@ class Fault:
 
     method: str
     path_regex: str
-    kind: str  # "status", "drop", "timeout", "slow", "lose_answer"
+    kind: str  # status, html, drop, refuse, timeout, slow, lose_answer
     times: int = 1
     status: int = 500
     delay: float = 0.0
@@ -160,6 +160,9 @@ class FakeStateManager:
             if fault.kind == "status":
                 call.status = fault.status
                 return httpx.Response(fault.status, json={"detail": "injected failure"})
+            if fault.kind == "html":  # e.g. a proxy's error page
+                call.status = fault.status
+                return httpx.Response(fault.status, text="<html>bad gateway</html>")
             if fault.kind == "drop":
                 raise httpx.RemoteProtocolError("server disconnected", request=request)
             if fault.kind == "refuse":

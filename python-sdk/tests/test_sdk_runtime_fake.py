@@ -185,6 +185,7 @@ async def test_one_pooled_http_client_per_runtime(
         ("refuse", {}),
         ("timeout", {"delay": 0.01}),
         ("slow", {"delay": 0.2}),
+        ("html", {"status": 502}),
     ],
 )
 async def test_executed_reports_survive_faults(
@@ -229,6 +230,8 @@ async def test_claim_and_registration_failures_are_retried(
     fake.fail("POST", r"/states/enqueue$", "status", status=502, times=2)
     fake.fail("POST", r"/states/enqueue$", "drop", times=2)
     fake.fail("POST", r"/states/enqueue$", "slow", delay=0.1, times=1)
+    fake.fail("POST", r"/states/enqueue$", "html", status=200, times=1)
+    fake.fail("POST", r"/states/enqueue$", "html", status=502, times=1)
     state_id = fake.add_state("Echo", {"text": "still here"})
 
     await make_runtime([Echo]).run_until_idle(idle_timeout=0.05)

@@ -100,7 +100,7 @@ class ApiClient:
         json: Any = None,
         request_timeout: float | None = None,
     ) -> httpx.Response:
-        """Send one request; transport failures raise ``httpx.TransportError``."""
+        """Send one request; network failures raise ``httpx.RequestError``."""
         if request_timeout is None:
             return await self.client.request(method, path, json=json)
         timeout = httpx.Timeout(request_timeout, connect=min(request_timeout, 10.0))

@@ -136,7 +136,7 @@ class Reporter:
         while True:
             try:
                 response = await self._api.send(method, path, json=body)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 problem = describe_exc(exc)
             else:
                 payload = response_body(response)

@@ -8,7 +8,7 @@
     └── GraphValidationError          upsert_graph: the template ended INVALID
         └── GraphValidationTimeout    upsert_graph: still PENDING after validation_timeout
 
-Network failures are not wrapped: they surface as ``httpx.TransportError`` subclasses.
+Network failures are not wrapped: they surface as ``httpx.RequestError`` subclasses.
 The runtime never lets any of these escape while running nodes; they are raised by the
 control-plane client (:class:`~exospherehost.StateManager`) and at runtime start-up.
 """

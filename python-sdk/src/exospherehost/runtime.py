@@ -348,7 +348,7 @@ class Runtime:
                 response = await self._until_stopped(
                     api.send("PUT", api.url("nodes", trailing_slash=True), json=body)
                 )
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 logger.warning("cannot register nodes yet (%s); retrying", describe_exc(exc))
             else:
                 if response is None:
@@ -402,8 +402,15 @@ class Runtime:
                 break
             try:
                 states = poll.result()
-            except (httpx.TransportError, ApiError, ValueError, KeyError) as exc:
+            except (httpx.RequestError, ApiError, ValueError) as exc:
                 logger.warning("claiming states failed: %s", describe_exc(exc))
+                await self._sleep_unless_stopped(
+                    max(self._backoff.delay(failures), self._poll_interval)
+                )
+                failures += 1
+                continue
+            except Exception:  # a bug must not stop claiming for good
+                logger.exception("claiming states failed unexpectedly")
                 await self._sleep_unless_stopped(
                     max(self._backoff.delay(failures), self._poll_interval)
                 )
@@ -550,7 +557,7 @@ class Runtime:
             await asyncio.sleep(self._heartbeat_interval)
             try:
                 response = await api.send("POST", path, json={})
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:
                 logger.debug("heartbeat of %s failed: %s", state_id, describe_exc(exc))
                 continue
             status = response.status_code

@@ -259,7 +259,7 @@ class StateManager:
                 # The request never reached the server: always safe to send again.
                 if attempt >= self._retries:
                     raise
-            except httpx.TransportError:
+            except httpx.RequestError:
                 if not idempotent or attempt >= self._retries:
                     raise
             except ApiError as exc:
