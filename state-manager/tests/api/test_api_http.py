@@ -149,6 +149,7 @@ async def test_collection_routes_redirect_to_their_trailing_slash_form(
         r = await client.request(method, f"{api.base}/{path}")
         assert r.status_code == 307, r.text
         assert r.headers["location"].endswith(f"{api.base}/{path}/")
+        uuid.UUID(r.headers[REQUEST_ID_HEADER])
     # ...and the other routes redirect the slash form to the declared one.
     r = await client.get(f"{api.base}/graph/g/")
     assert r.status_code == 307
