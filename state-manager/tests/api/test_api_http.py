@@ -71,6 +71,10 @@ async def test_every_v0_route_rejects_a_missing_or_wrong_key(server: RunningServ
         # The header name is case-insensitive (the dashboard sends X-API-Key).
         r = await anonymous.get("/v0/namespaces", headers={"X-API-Key": API_KEY})
         assert r.status_code == 200, r.text
+        # None of the refused requests did anything.
+        assert r.json() == {"namespaces": [], "count": 0}
+        r = await anonymous.get(f"/v0/namespace/{NS}/graphs/", headers={"x-api-key": API_KEY})
+        assert r.json()["count"] == 0
 
 
 async def test_request_id_is_kept_when_it_is_a_uuid_and_generated_otherwise(
