@@ -18,9 +18,13 @@ RUN = "00000000-0000-4000-8000-000000000000"
 # Every /v0 route (method, path, a body that would be valid) — E2..E18 and the extensions.
 V0_ROUTES: list[tuple[str, str, dict[str, object] | None]] = [
     ("GET", "/v0/namespaces", None),
-    ("PUT", f"/v0/namespace/{NS}/nodes/", {"runtime_name": "r", "nodes": []}),
+    ("PUT", f"/v0/namespace/{NS}/nodes/", {"runtime_name": "r", "nodes": [node("A")]}),
     ("GET", f"/v0/namespace/{NS}/nodes/", None),
-    ("PUT", f"/v0/namespace/{NS}/graph/g", {"secrets": {}, "nodes": []}),
+    (
+        "PUT",
+        f"/v0/namespace/{NS}/graph/g",
+        {"secrets": {}, "nodes": [template_node("A", "a", NS)]},
+    ),
     ("GET", f"/v0/namespace/{NS}/graph/g", None),
     ("GET", f"/v0/namespace/{NS}/graphs/", None),
     ("POST", f"/v0/namespace/{NS}/graph/g/trigger", {}),
