@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sm_support
 from sm_api import Api, error_locations, expect_error, node, template_node
 from sm_support import read_states, serve
@@ -343,3 +344,30 @@ async def test_concurrent_reports_for_one_state_succeed_exactly_once(
         "re-enqueue-after": [("a", "CREATED")],
     }[action]
     assert _statuses(await api.run_graph(run_id)) == expected
+
+
+@pytest.mark.xfail(
+    reason="a long poll whose client has gone away keeps waiting and still claims the "
+    "next state: nobody receives it and it stays QUEUED until its lease runs out "
+    "(default 1 h), which then counts as a failed attempt",
+    strict=True,
+)
+async def test_an_abandoned_long_poll_claims_nothing(client: httpx.AsyncClient) -> None:
+    api = Api(client, NS)
+    await _two_step(api)
+    async with httpx.AsyncClient(
+        base_url=str(client.base_url), headers=dict(client.headers), timeout=0.5
+    ) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            await impatient.post(
+                f"{api.base}/states/enqueue",
+                json={"nodes": ["A"], "batch_size": 1, "wait_ms": 20_000},
+            )
+    # The impatient client has disconnected; its request must not take the next state.
+    run_id = await api.trigger("g")
+    for _ in range(40):  # give an abandoned poll every chance to (wrongly) claim it
+        if _statuses(await api.run_graph(run_id)) != [("a", "CREATED")]:
+            break
+        await asyncio.sleep(0.05)
+    assert _statuses(await api.run_graph(run_id)) == [("a", "CREATED")]
+    assert len(await api.claim("A")) == 1
