@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 
 import httpx
-import pytest
 from sm_api import REQUEST_ID_HEADER, Api, error_locations, expect_error, node, template_node
 
 NS = "edges"
@@ -168,12 +167,6 @@ async def test_long_names_are_never_a_500(
     assert len(await api.claim(longest)) == 1
 
 
-@pytest.mark.xfail(
-    reason="the NUL check matches the bytes \\u0000 anywhere in the JSON body, so the "
-    "six-character text backslash-u-0-0-0-0 (JSON \\\\u0000, no NUL in it) is refused "
-    "with 400 'The request body contains a NUL character'",
-    strict=True,
-)
 async def test_the_text_backslash_u0000_is_not_a_nul_character(
     client: httpx.AsyncClient,
 ) -> None:

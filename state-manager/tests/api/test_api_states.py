@@ -346,12 +346,6 @@ async def test_concurrent_reports_for_one_state_succeed_exactly_once(
     assert _statuses(await api.run_graph(run_id)) == expected
 
 
-@pytest.mark.xfail(
-    reason="a long poll whose client has gone away keeps waiting and still claims the "
-    "next state: nobody receives it and it stays QUEUED until its lease runs out "
-    "(default 1 h), which then counts as a failed attempt",
-    strict=True,
-)
 async def test_an_abandoned_long_poll_claims_nothing(client: httpx.AsyncClient) -> None:
     api = Api(client, NS)
     await _two_step(api)

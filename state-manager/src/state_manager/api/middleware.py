@@ -78,6 +78,23 @@ class NulCharacter(RejectedRequest):
 
 
 NUL_ESCAPE = b"\\u0000"
+BACKSLASH = ord("\\")
+
+
+def contains_nul(body: bytes) -> bool:
+    """Whether a JSON body holds U+0000: a raw NUL, or a ``\\u0000`` escape that is not
+    itself an escaped backslash followed by ``u0000``."""
+    if b"\x00" in body:
+        return True
+    start = body.find(NUL_ESCAPE)
+    while start != -1:
+        backslashes = 0
+        while start - backslashes - 1 >= 0 and body[start - backslashes - 1] == BACKSLASH:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return True
+        start = body.find(NUL_ESCAPE, start + 1)
+    return False
 
 
 def _json_response(status: int, body: dict[str, Any], request_id: str) -> list[Message]:
@@ -114,22 +131,23 @@ class RequestContextMiddleware:
         limit = self.max_body_bytes
 
         declared = headers.get("content-length")
-        received = 0
 
-        tail = b""
-
-        async def limited_receive() -> Message:
-            nonlocal received, tail
-            message = await receive()
-            if message["type"] == "http.request":
+        async def read_body() -> bytes | None:
+            """The whole body (bounded by the limit), or None if the client went away."""
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
                 chunk: bytes = message.get("body", b"")
-                received += len(chunk)
-                if received > limit:
+                size += len(chunk)
+                if size > limit:
                     raise BodyTooLarge(limit)
-                if NUL_ESCAPE in tail + chunk or b"\x00" in chunk:
-                    raise NulCharacter("body")
-                tail = chunk[-(len(NUL_ESCAPE) - 1) :]
-            return message
+                chunks.append(chunk)
+                more = bool(message.get("more_body", False))
+            return b"".join(chunks)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -147,7 +165,21 @@ class RequestContextMiddleware:
                 raise BodyTooLarge(limit)
             if "\x00" in scope.get("path", ""):
                 raise NulCharacter("path")
-            await self.app(scope, limited_receive, send_with_id)
+            body = await read_body()
+            if body is None:
+                return  # disconnected before sending its body: nobody to answer
+            if contains_nul(body):
+                raise NulCharacter("body")
+            replayed = False
+
+            async def replay_body() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # later calls see the client disconnect
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay_body, send_with_id)
         except RejectedRequest as exc:
             if not status_holder["sent"]:
                 await self._finish(

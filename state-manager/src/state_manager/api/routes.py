@@ -145,9 +145,16 @@ async def trigger_graph(
 
 @ns.post("/states/enqueue", tags=["states"])
 async def enqueue_states(
-    namespace_name: Namespace, body: schemas.EnqueueRequest, ctx: ContextDep
+    namespace_name: Namespace, body: schemas.EnqueueRequest, ctx: ContextDep, request: Request
 ) -> schemas.EnqueueResponse:
-    claimed = await states.enqueue(ctx, namespace_name, body.nodes, body.batch_size, body.wait_ms)
+    claimed = await states.enqueue(
+        ctx,
+        namespace_name,
+        body.nodes,
+        body.batch_size,
+        body.wait_ms,
+        caller_gone=request.is_disconnected,
+    )
     return schemas.EnqueueResponse(
         count=len(claimed),
         namespace=namespace_name,

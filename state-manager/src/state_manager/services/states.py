@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,18 +52,30 @@ def _seconds_since_claim(state: StateRow, now: int) -> float | None:
 
 
 async def enqueue(
-    ctx: Context, namespace: str, node_names: Sequence[str], batch_size: int, wait_ms: int = 0
+    ctx: Context,
+    namespace: str,
+    node_names: Sequence[str],
+    batch_size: int,
+    wait_ms: int = 0,
+    caller_gone: Callable[[], Awaitable[bool]] | None = None,
 ) -> list[StateRow]:
-    """Claim up to ``batch_size`` ready states, waiting up to ``wait_ms`` for one to appear."""
+    """Claim up to ``batch_size`` ready states, waiting up to ``wait_ms`` for one to appear.
+
+    ``caller_gone`` is asked before every claim after a wait: a long poll whose client
+    disconnected must not claim states nobody will receive.
+    """
     if batch_size <= 0 or not node_names:
         return []
     batch_size = min(batch_size, ctx.settings.max_batch_size)
     wait_ms = max(0, min(wait_ms, ctx.settings.max_wait_ms))
     lease_ms = ctx.settings.lease_seconds * 1000
     deadline = ctx.clock() + wait_ms
+    waited = False
     while True:
         waiter = ctx.notifier.waiter(namespace)
         try:
+            if waited and caller_gone is not None and await caller_gone():
+                return []
             now = ctx.clock()
             async with ctx.db.write() as tx:
                 claimed = await tx.claim(namespace, node_names, batch_size, now, now + lease_ms)
@@ -80,6 +92,7 @@ async def enqueue(
             timeout = max(0.0, (wake_at - now) / 1000)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            waited = True
         finally:
             ctx.notifier.discard(namespace, waiter)
 
