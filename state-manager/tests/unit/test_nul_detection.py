@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from state_manager.api.middleware import contains_nul
 
 
