@@ -182,6 +182,10 @@ async def test_manual_retry_of_finished_states(
     )
     for r in responses:
         expect_error(r, 409, "Duplicate retry state detected")
+    # A new fanout_id for an attempt that was already retried: retry the newest attempt.
+    r = await api.post_state(sid, "manual-retry", {"fanout_id": "f-new"})
+    expect_error(r, 400, "State was already retried; retry its latest attempt instead")
+    assert len(await read_states(database_url, NS, run_id)) == len(rows)
 
     # The retry runs like the original; a SUCCESS state can be retried too and its
     # successors are created again.

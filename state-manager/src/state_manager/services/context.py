@@ -27,7 +27,8 @@ def now_ms() -> int:
 
 def iso(ms: int) -> str:
     """ISO-8601 UTC text for a millisecond timestamp."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class WorkNotifier:

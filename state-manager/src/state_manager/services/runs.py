@@ -234,7 +234,7 @@ async def node_details(
     if not is_object_id(node_id):
         raise InvalidRequest(f"Invalid node ID format: {node_id}")
     async with ctx.db.read() as tx:
-        state = await tx.get_state(node_id)
+        state = await tx.get_state(node_id.lower())
     if (
         state is None
         or state.namespace != namespace

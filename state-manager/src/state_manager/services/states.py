@@ -38,7 +38,7 @@ MAX_RETRY_DELAY_MS = 365 * 24 * 3_600_000
 
 async def _load(tx: Tx, namespace: str, state_id: str) -> StateRow:
     """The state ``state_id`` of ``namespace``; 404 for unknown, malformed or foreign ids."""
-    state = await tx.get_state(state_id) if is_object_id(state_id) else None
+    state = await tx.get_state(state_id.lower()) if is_object_id(state_id) else None
     if state is None or state.namespace != namespace:
         raise NotFound("State not found")
     return state
@@ -338,6 +338,9 @@ async def manual_retry(ctx: Context, namespace: str, state_id: str, fanout_id: s
         )
         if not await tx.insert_state_unless_exists(retry):
             raise Conflict("Duplicate retry state detected")
+        if before is StateStatus.RETRY_CREATED:
+            # Raising rolls the insert back: one retried attempt spawns one new attempt.
+            raise InvalidRequest("State was already retried; retry its latest attempt instead")
         updated = await tx.transition(
             state.id, (before,), {"status": StateStatus.RETRY_CREATED.value, "updated_at": now}
         )
