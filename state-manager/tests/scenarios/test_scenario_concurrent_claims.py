@@ -2,7 +2,8 @@
 
 Several HTTP clients claim and report concurrently, with small random batches and
 long polls, while fan-out reports keep making hundreds of states claimable at once.
-With two servers, half of the clients talk to each; both servers share one database.
+With two servers (in this process, or two server processes), half of the clients
+talk to each; both servers share one database.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from typing import Any
 import httpx
 import pytest
 from sm_api import Api, node, template_node
-from sm_support import RunningServer, read_states, serve, test_settings
+from sm_support import (
+    RunningServer,
+    ServerProcess,
+    read_states,
+    serve,
+    server_process,
+    test_settings,
+)
 
 NS = "claims"
 RUNS = 4
@@ -50,17 +58,25 @@ async def claimer(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("servers", [1, 2], ids=["one-server", "two-servers"])
+@pytest.mark.parametrize("servers", ["one-server", "two-servers", "two-processes"])
 async def test_concurrent_claimers_never_share_a_state(
-    server: RunningServer, database_url: str, tmp_path: Path, servers: int
+    database_url: str, tmp_path: Path, servers: str
 ) -> None:
     with contextlib.ExitStack() as stack:
-        urls = [server.base_url]
-        if servers == 2:
-            second = stack.enter_context(serve(test_settings(database_url, tmp_path / "data2")))
-            urls.append(second.base_url)
+        if servers == "two-processes":
+            running: list[RunningServer | ServerProcess] = [
+                stack.enter_context(server_process(database_url, tmp_path / f"proc{i}"))
+                for i in range(2)
+            ]
+        else:
+            running = [
+                stack.enter_context(serve(test_settings(database_url, tmp_path / f"data{i}")))
+                for i in range(1 if servers == "one-server" else 2)
+            ]
         clients = [
-            httpx.AsyncClient(base_url=urls[i % len(urls)], headers=server.headers, timeout=60)
+            httpx.AsyncClient(
+                base_url=running[i % len(running)].base_url, headers=running[0].headers, timeout=60
+            )
             for i in range(CLAIMERS)
         ]
         try:
@@ -95,10 +111,18 @@ async def _race(clients: list[httpx.AsyncClient], database_url: str) -> None:
         for i, c in enumerate(clients)
     ]
     run_ids = [await setup.trigger("race") for _ in range(RUNS)]
+    all_done = asyncio.create_task(finished.wait())
     try:
-        await asyncio.wait_for(finished.wait(), timeout=240)
+        # A claimer only returns once all work is done: stop at the first one that fails.
+        done, _ = await asyncio.wait(
+            [all_done, *tasks], timeout=180, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert done, f"the claimers did not finish within 180 s ({work_done['work']} done)"
+        for task in done:
+            task.result()
     finally:
         finished.set()
+        all_done.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
