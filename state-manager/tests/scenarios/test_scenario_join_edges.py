@@ -187,3 +187,58 @@ async def test_a_manual_retry_that_succeeds_releases_a_blocked_all_success_join(
     assert (run["status"], run["retried_count"], run["errored_count"]) == ("SUCCESS", 1, 0)
     grouped = by_identifier(await read_states(database_url, NS, run_id))
     assert len(grouped["merge"]) == 1
+
+
+async def test_pruning_an_inner_join_releases_the_outer_join_with_store_inputs(
+    client: httpx.AsyncClient, server: RunningServer
+) -> None:
+    """A uniting state is a descendant of the outer group like any other state."""
+    api = Api(client, NS)
+    await api.register(
+        node("A", outputs=("x",)),
+        node("B", inputs=("x",), outputs=("y",)),
+        node("JoinB", inputs=("x", "k")),
+        node("JoinA", inputs=("x", "k")),
+    )
+    await api.create_graph(
+        "prune-join",
+        {
+            "nodes": [
+                template_node("A", "a", NS, {}, ["b"]),
+                template_node("B", "b", NS, {"x": "${{ a.outputs.x }}"}, ["join_b"]),
+                template_node(
+                    "JoinB",
+                    "join_b",
+                    NS,
+                    {"x": "${{ a.outputs.x }}", "k": "${{ store.k }}"},
+                    ["join_a"],
+                    unites={"identifier": "b", "strategy": "ALL_SUCCESS"},
+                ),
+                template_node(
+                    "JoinA",
+                    "join_a",
+                    NS,
+                    {"x": "${{ a.outputs.x }}", "k": "${{ store.k }}-${{ store.d }}"},
+                    unites={"identifier": "a", "strategy": "ALL_SUCCESS"},
+                ),
+            ],
+            "store_config": {"required_keys": ["k"], "default_values": {"d": "dflt"}},
+        },
+    )
+    run_id = await api.trigger("prune-join", store={"k": "v"})
+    a = (await claim_exactly(api, "A", count=1))[0]
+    await api.executed(a["state_id"], {"x": "1"}, {"x": "2"})
+    for state in await claim_exactly(api, "B", count=2):
+        await api.executed(state["state_id"], {"y": "p"}, {"y": "q"})
+    join_b = await claim_exactly(api, "JoinB", count=2)
+    assert sorted(s["inputs"]["x"] for s in join_b) == ["1", "2"]
+    assert {s["inputs"]["k"] for s in join_b} == {"v"}
+    await api.executed(join_b[0]["state_id"])
+    assert await api.claim("JoinA") == []
+    r = await api.post_state(join_b[1]["state_id"], "prune", {"data": {}})
+    assert r.status_code == 200, r.text
+    join_a = await claim_exactly(api, "JoinA", count=1)
+    assert join_a[0]["inputs"] == {"x": "1", "k": "v-dflt"}
+    await api.executed(join_a[0]["state_id"])
+    run = await api.run_summary(run_id)
+    assert (run["status"], run["total_count"]) == ("SUCCESS", 2 + 4 + 2 + 1)
