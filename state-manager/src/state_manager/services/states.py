@@ -44,6 +44,17 @@ async def _load(tx: Tx, namespace: str, state_id: str) -> StateRow:
     return state
 
 
+async def _take_queued(tx: Tx, namespace: str, state_id: str, values: dict[str, Any]) -> StateRow:
+    """Apply ``values`` to a QUEUED state in one statement; 404 or 400 explain a refusal."""
+    state = None
+    if is_object_id(state_id):
+        state = await tx.transition(state_id.lower(), QUEUED, values, namespace=namespace)
+    if state is None:
+        await _load(tx, namespace, state_id)  # raises 404 when it does not exist here
+        raise InvalidRequest("State is not queued")
+    return state
+
+
 def _seconds_since_claim(state: StateRow, now: int) -> float | None:
     return (now - state.claimed_at) / 1000 if state.claimed_at is not None else None
 
@@ -102,10 +113,7 @@ async def heartbeat(ctx: Context, namespace: str, state_id: str) -> int:
     now = ctx.clock()
     until = now + ctx.settings.lease_seconds * 1000
     async with ctx.db.write() as tx:
-        await _load(tx, namespace, state_id)
-        updated = await tx.transition(state_id, QUEUED, {"lease_expires_at": until})
-        if updated is None:
-            raise InvalidRequest("State is not queued")
+        await _take_queued(tx, namespace, state_id, {"lease_expires_at": until})
     return until
 
 
@@ -122,9 +130,17 @@ async def executed(
         )
     now = ctx.clock()
     async with ctx.db.write() as tx:
-        state = await _load(tx, namespace, state_id)
-        if state.status != StateStatus.QUEUED:
-            raise InvalidRequest("State is not queued")
+        state = await _take_queued(
+            tx,
+            namespace,
+            state_id,
+            {
+                "status": StateStatus.SUCCESS.value,
+                "outputs": outputs[0] if outputs else {},
+                "lease_expires_at": None,
+                "updated_at": now,
+            },
+        )
         graph = await ctx.graphs.for_run(tx, state.run_id)
         members = _members(state, outputs, graph, now)
         ledger = GroupLedger()
@@ -132,19 +148,10 @@ async def executed(
         for member in members[1:]:
             member["status"] = status.value
             member["error"] = error
-        updated = await tx.transition(
-            state.id,
-            QUEUED,
-            {
-                "status": status.value,
-                "outputs": members[0]["outputs"],
-                "error": error,
-                "lease_expires_at": None,
-                "updated_at": now,
-            },
-        )
-        if updated is None:
-            raise InvalidRequest("State is not queued")
+        if status is not StateStatus.SUCCESS:
+            await tx.transition(
+                state.id, (StateStatus.SUCCESS,), {"status": status.value, "error": error}
+            )
         await tx.insert_states(members[1:] + children)
         ledger.add(state.groups, StateStatus.QUEUED, status)
         for _sibling in members[1:]:
@@ -277,10 +284,10 @@ async def prune(ctx: Context, namespace: str, state_id: str, data: dict[str, Any
     """End a branch on purpose. Returns the state's ``enqueue_after``."""
     now = ctx.clock()
     async with ctx.db.write() as tx:
-        state = await _load(tx, namespace, state_id)
-        updated = await tx.transition(
-            state.id,
-            QUEUED,
+        state = await _take_queued(
+            tx,
+            namespace,
+            state_id,
             {
                 "status": StateStatus.PRUNED.value,
                 "data": data,
@@ -288,15 +295,13 @@ async def prune(ctx: Context, namespace: str, state_id: str, data: dict[str, Any
                 "updated_at": now,
             },
         )
-        if updated is None:
-            raise InvalidRequest("State is not queued")
         graph = await ctx.graphs.for_run(tx, state.run_id)
         ledger = GroupLedger()
         ledger.add(state.groups, StateStatus.QUEUED, StateStatus.PRUNED)
         await settle_groups(tx, graph, ledger, now)
     ctx.metrics.reports.labels(namespace, state.node_name, "pruned").inc()
     _observe(ctx, state, now)
-    return updated.enqueue_after
+    return state.enqueue_after
 
 
 async def requeue_after(ctx: Context, namespace: str, state_id: str, delay_ms: int) -> int:
@@ -304,10 +309,10 @@ async def requeue_after(ctx: Context, namespace: str, state_id: str, delay_ms: i
     now = ctx.clock()
     enqueue_at = now + delay_ms
     async with ctx.db.write() as tx:
-        state = await _load(tx, namespace, state_id)
-        updated = await tx.transition(
-            state.id,
-            QUEUED,
+        state = await _take_queued(
+            tx,
+            namespace,
+            state_id,
             {
                 "status": StateStatus.CREATED.value,
                 "enqueue_after": enqueue_at,
@@ -316,8 +321,6 @@ async def requeue_after(ctx: Context, namespace: str, state_id: str, delay_ms: i
                 "updated_at": now,
             },
         )
-        if updated is None:
-            raise InvalidRequest("State is not queued")
     ctx.metrics.reports.labels(namespace, state.node_name, "requeued").inc()
     return enqueue_at
 

@@ -366,15 +366,21 @@ class Tx:
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
     async def transition(
-        self, state_id: str, from_statuses: Iterable[StateStatus], values: Mapping[str, Any]
+        self,
+        state_id: str,
+        from_statuses: Iterable[StateStatus],
+        values: Mapping[str, Any],
+        *,
+        namespace: str | None = None,
     ) -> StateRow | None:
-        """Compare-and-set: update the state only if its status is one of ``from_statuses``."""
+        """Compare-and-set: update the state only if its status is one of ``from_statuses``
+        (and, when given, it belongs to ``namespace``). Returns the updated state."""
         allowed = [s.value for s in from_statuses]
+        condition = sa.and_(states.c.id == state_id, states.c.status.in_(allowed))
+        if namespace is not None:
+            condition = sa.and_(condition, states.c.namespace == namespace)
         result = await self.connection.execute(
-            states.update()
-            .where(states.c.id == state_id, states.c.status.in_(allowed))
-            .values(**values)
-            .returning(*states.c)
+            states.update().where(condition).values(**values).returning(*states.c)
         )
         row = result.mappings().first()
         if row is None:
