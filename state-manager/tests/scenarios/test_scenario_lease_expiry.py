@@ -29,17 +29,8 @@ REPORTING_S = 7.5  # longer than the 5 s between two passes of the lease loop
 
 @pytest.mark.slow
 async def test_leases_running_out_while_sibling_branches_report(
-    database_url: str, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    database_url: str, tmp_path: Path
 ) -> None:
-    if backend == "postgres":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="PostgreSQL deadlock: lease expiry locks the outer group row, then inner "
-                "group rows, while a concurrent report locks its inner group, then the outer "
-                "one; PostgreSQL aborts one of them and the report is answered 500",
-                strict=True,
-            )
-        )
     settings = test_settings(database_url, tmp_path / "data", lease_seconds=1)
     with serve(settings) as server:
         async with httpx.AsyncClient(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+
+from sqlalchemy.exc import DBAPIError
 
 from state_manager.crypto import SecretBox
 from state_manager.domain import graph as graph_rules
@@ -17,8 +21,29 @@ from state_manager.domain.models import GraphSpec, NodeTemplate
 from state_manager.errors import NotFound
 from state_manager.metrics import Metrics
 from state_manager.settings import Settings
-from state_manager.store.database import Database
+from state_manager.store.database import Database, is_transient
 from state_manager.store.queries import Tx, VersionRow
+
+TRANSIENT_ATTEMPTS = 5
+
+
+def retry_transient[**P, T](function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Run a one-transaction service again when the database aborted it for a transient
+    reason (deadlock, serialisation failure, SQLite busy). Safe: the aborted attempt
+    left nothing behind."""
+
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+            try:
+                return await function(*args, **kwargs)
+            except DBAPIError as exc:
+                if attempt == TRANSIENT_ATTEMPTS or not is_transient(exc):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def now_ms() -> int:

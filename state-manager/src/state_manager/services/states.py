@@ -19,7 +19,7 @@ from state_manager.domain.buckets import TERMINAL_STATUSES
 from state_manager.domain.ids import is_object_id
 from state_manager.domain.models import StateStatus
 from state_manager.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from state_manager.services.context import CompiledGraph, Context
+from state_manager.services.context import CompiledGraph, Context, retry_transient
 from state_manager.services.progress import (
     GroupLedger,
     Resolver,
@@ -108,6 +108,7 @@ async def enqueue(
             ctx.notifier.discard(namespace, waiter)
 
 
+@retry_transient
 async def heartbeat(ctx: Context, namespace: str, state_id: str) -> int:
     """Extend the lease of a claimed state; returns the new expiry (ms)."""
     now = ctx.clock()
@@ -120,6 +121,7 @@ async def heartbeat(ctx: Context, namespace: str, state_id: str) -> int:
 # -- reports ----------------------------------------------------------------------
 
 
+@retry_transient
 async def executed(
     ctx: Context, namespace: str, state_id: str, outputs: list[dict[str, Any]]
 ) -> None:
@@ -229,6 +231,7 @@ class ErroredResult:
     retry_created: bool
 
 
+@retry_transient
 async def errored(ctx: Context, namespace: str, state_id: str, error: str) -> ErroredResult:
     """Record a failure; create a delayed retry while the policy allows one."""
     now = ctx.clock()
@@ -280,6 +283,7 @@ async def _fail(ctx: Context, tx: Tx, state: StateRow, error: str, now: int) -> 
     return ErroredResult(status=status, retry_created=retry_created)
 
 
+@retry_transient
 async def prune(ctx: Context, namespace: str, state_id: str, data: dict[str, Any]) -> int:
     """End a branch on purpose. Returns the state's ``enqueue_after``."""
     now = ctx.clock()
@@ -304,6 +308,7 @@ async def prune(ctx: Context, namespace: str, state_id: str, data: dict[str, Any
     return state.enqueue_after
 
 
+@retry_transient
 async def requeue_after(ctx: Context, namespace: str, state_id: str, delay_ms: int) -> int:
     """Hand a claimed state back, to be claimed again after ``delay_ms``."""
     now = ctx.clock()
@@ -325,6 +330,7 @@ async def requeue_after(ctx: Context, namespace: str, state_id: str, delay_ms: i
     return enqueue_at
 
 
+@retry_transient
 async def manual_retry(ctx: Context, namespace: str, state_id: str, fanout_id: str) -> str:
     """Run a finished state's node again as a new state. Returns the new state's id."""
     now = ctx.clock()
@@ -357,24 +363,39 @@ async def manual_retry(ctx: Context, namespace: str, state_id: str, fanout_id: s
 
 
 async def expire_leases(ctx: Context, limit: int = 100) -> int:
-    """Take back claimed states whose lease ran out; each counts as a failed attempt."""
+    """Take back claimed states whose lease ran out; each counts as a failed attempt.
+
+    Each state is taken back in its own transaction, locking it before its fan-in
+    groups like every report does, so expiry and reports never deadlock.
+    """
     now = ctx.clock()
-    expired: list[StateRow] = []
-    async with ctx.db.write() as tx:
-        for state_id in await tx.expired_leases(now, limit):
+    async with ctx.db.read() as tx:
+        candidates = await tx.expired_leases(now, limit)
+    expired = 0
+    for state_id in candidates:
+        if await _expire_one(ctx, state_id, now):
+            expired += 1
+    return expired
+
+
+@retry_transient
+async def _expire_one(ctx: Context, state_id: str, now: int) -> bool:
+    try:
+        async with ctx.db.write() as tx:
             state = await tx.get_state(state_id)
-            if state is None or state.status != StateStatus.QUEUED:
-                continue
+            lease = state.lease_expires_at if state is not None else None
+            if state is None or state.status != StateStatus.QUEUED or not lease or lease >= now:
+                return False  # reported, re-enqueued or extended meanwhile
             seconds = ctx.settings.lease_seconds
             await _fail(ctx, tx, state, f"Lease expired: no report within {seconds} s", now)
-            expired.append(state)
-    for state in expired:
-        ctx.metrics.lease_expiries.labels(state.namespace, state.node_name).inc()
-        logger.warning(
-            "lease expired",
-            extra={"state_id": state.id, "namespace": state.namespace, "node": state.node_name},
-        )
-    return len(expired)
+    except InvalidRequest:
+        return False  # a report won the race; the whole transaction was rolled back
+    ctx.metrics.lease_expiries.labels(state.namespace, state.node_name).inc()
+    logger.warning(
+        "lease expired",
+        extra={"state_id": state.id, "namespace": state.namespace, "node": state.node_name},
+    )
+    return True
 
 
 # -- secrets ----------------------------------------------------------------------

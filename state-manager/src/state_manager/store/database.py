@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from state_manager.errors import DatabaseNotMigrated
@@ -37,6 +38,16 @@ from state_manager.store.tables import schema_migrations
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "exosphere_work"
+# PostgreSQL aborts one of two transactions that deadlock (40P01) or cannot be
+# serialised (40001); running it again is the documented remedy.
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def is_transient(error: DBAPIError) -> bool:
+    """Whether the database aborted a transaction that may simply be run again."""
+    original = error.orig
+    code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
+    return code in TRANSIENT_SQLSTATES or "database is locked" in str(original)
 
 
 def async_url(url: str) -> str:

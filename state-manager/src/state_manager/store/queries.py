@@ -438,7 +438,6 @@ class Tx:
             .where(states.c.status == StateStatus.QUEUED.value, states.c.lease_expires_at < now)
             .order_by(states.c.lease_expires_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
         )
         return [row[0] for row in result]
 
