@@ -24,14 +24,17 @@ from sm_support import read_states, serve, test_settings
 
 NS = "leases"
 OUTER, INNER = 100, 4
-REPORTING_S = 7.5  # longer than the 5 s between two passes of the lease loop
+LEASE_S = 5  # generous: states that are reported promptly must never expire, even on a slow box
+# Longer than a lease plus the 5 s between two passes of the lease loop, so the abandoned
+# states are taken back while the other branches are still reporting.
+REPORTING_S = LEASE_S + 5 + 2
 
 
 @pytest.mark.slow
 async def test_leases_running_out_while_sibling_branches_report(
     database_url: str, tmp_path: Path
 ) -> None:
-    settings = test_settings(database_url, tmp_path / "data", lease_seconds=1)
+    settings = test_settings(database_url, tmp_path / "data", lease_seconds=LEASE_S)
     with serve(settings) as server:
         async with httpx.AsyncClient(
             base_url=server.base_url, headers=server.headers, timeout=60
