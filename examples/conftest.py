@@ -1,6 +1,7 @@
 """Fixtures for the examples' tests: a real state manager and a runner for an example.
 
-The server helper lives with the SDK's tests (``python-sdk/tests/sdk_serverproc.py``).
+The server helper is the test suites' shared one (``state-manager/tests/sm_support.py``,
+on the path through the pytest configuration).
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python-sdk" / "tests"))
-
-from sdk_serverproc import ServerProcess, running_server
+from sm_support import ServerProcess, make_database, server_process
 
 EXAMPLES = Path(__file__).resolve().parent
 
@@ -26,14 +24,15 @@ RunExample = Callable[..., str]
 
 @pytest.fixture(scope="session")
 def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with running_server(tmp_path_factory.mktemp("examples-server")) as server:
+    workdir = tmp_path_factory.mktemp("examples-server")
+    with server_process(make_database("sqlite", workdir).url, workdir / "data") as server:
         yield server
 
 
 def _wait_registered(
     server: ServerProcess, namespace: str, worker: subprocess.Popen[bytes]
 ) -> None:
-    with httpx.Client(base_url=server.uri, headers={"x-api-key": server.key}) as http:
+    with httpx.Client(base_url=server.base_url, headers={"x-api-key": server.key}) as http:
         for _ in range(600):
             response = http.get(f"/v0/namespace/{namespace}/nodes/")
             if response.status_code == 200 and response.json()["count"] > 0:
@@ -56,7 +55,7 @@ def run_example(example_server: ServerProcess, tmp_path: Path) -> Iterator[RunEx
         with (tmp_path / f"{example}-worker.log").open("wb") as log:
             worker = subprocess.Popen(
                 [sys.executable, str(folder / "worker.py")],
-                env=example_server.env(),
+                env=example_server.client_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -64,7 +63,7 @@ def run_example(example_server: ServerProcess, tmp_path: Path) -> Iterator[RunEx
         _wait_registered(example_server, namespace, worker)
         result = subprocess.run(
             [sys.executable, str(folder / "run.py"), *args],
-            env=example_server.env(),
+            env=example_server.client_env(),
             capture_output=True,
             text=True,
             timeout=180,

@@ -9,9 +9,6 @@ volume) and a free port replaces 8000. The secrets an operator passes with
 
 from __future__ import annotations
 
-import asyncio
-import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -41,6 +38,7 @@ from deploy_support import (
     substitute_port,
     wait_until_serving,
 )
+from sm_support import make_database
 
 
 @pytest.fixture(scope="module")
@@ -135,38 +133,12 @@ def test_image_command_refuses_mongo_uri_until_that_backend_exists(tmp_path: Pat
 
 # ------------------------------------------- the multi-replica flow, on PostgreSQL
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def _postgres_admin(statement: str) -> None:
-    import asyncpg  # type: ignore[import-untyped]
-
-    async def run() -> None:
-        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run())
-
 
 @pytest.fixture
-def postgres_database_url() -> Iterator[str]:
+def postgres_database_url(tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database; skipped locally without PostgreSQL, failed in CI."""
-    name = "exo_deploy_" + secrets.token_hex(6)
-    try:
-        _postgres_admin(f'CREATE DATABASE "{name}"')
-    except Exception as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is required in CI but unreachable: {error}")
-        pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {error}")
-    try:
-        yield f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    finally:
-        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with make_database("postgres", tmp_path, prefix="exo_deploy_") as database:
+        yield database.url
 
 
 def kubernetes_environment(data_dir: Path, database_url: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from exospherehost import BaseNode, Runtime
 from sdk_fakeserver import FAST_BACKOFF, FakeStateManager
-from sdk_serverproc import ServerProcess, postgres_database, running_server
+from sm_support import ServerProcess, make_database, server_process
 
 
 @pytest.fixture
@@ -39,15 +39,17 @@ def make_runtime(fake: FakeStateManager) -> Callable[..., Runtime]:
 @pytest.fixture(scope="session")
 def sm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The real state manager, one per test session; tests isolate by namespace."""
-    with running_server(tmp_path_factory.mktemp("state-manager")) as server:
+    workdir = tmp_path_factory.mktemp("state-manager")
+    with server_process(make_database("sqlite", workdir).url, workdir / "data") as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def sm_server_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The real state manager on a fresh PostgreSQL database."""
+    workdir = tmp_path_factory.mktemp("state-manager-pg")
     with (
-        postgres_database() as url,
-        running_server(tmp_path_factory.mktemp("state-manager-pg"), database_url=url) as server,
+        make_database("postgres", workdir, prefix="exo_sdk_") as database,
+        server_process(database.url, workdir / "data") as server,
     ):
         yield server

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from exospherehost import StateManager
 from exospherehost.models import RunStatus
-from sdk_serverproc import ServerProcess, unique_namespace
+from sm_support import ServerProcess, unique_namespace
 
 PUBLISHED = "exospherehost==0.0.3"
 SCRIPT = Path(__file__).parent / "compat" / "published_graph.py"
@@ -108,7 +108,7 @@ def published_worker(
 
 def _clean_env(server: ServerProcess) -> dict[str, str]:
     """Environment for the published SDK: our workspace must not leak onto its path."""
-    env = server.env()
+    env = server.client_env()
     for name in ("PYTHONPATH", "VIRTUAL_ENV"):
         env.pop(name, None)
     return env
@@ -122,7 +122,7 @@ async def test_published_sdk_runs_fan_out_fan_in_with_retries_and_secrets(
 ) -> None:
     namespace, worker = published_worker
     async with httpx.AsyncClient(
-        base_url=sm_server.uri, headers={"x-api-key": sm_server.key}
+        base_url=sm_server.base_url, headers={"x-api-key": sm_server.key}
     ) as http:
         async with asyncio.timeout(60):
             while True:
@@ -147,7 +147,9 @@ async def test_published_sdk_runs_fan_out_fan_in_with_retries_and_secrets(
     assert len(run_ids) == RUNS
 
     total = 1 + FAN_OUT + (FAN_OUT + FLAKY_FAILURES) + 1
-    async with StateManager(namespace, state_manager_uri=sm_server.uri, key=sm_server.key) as sm:
+    async with StateManager(
+        namespace, state_manager_uri=sm_server.base_url, key=sm_server.key
+    ) as sm:
         for run_id in run_ids:
             async with asyncio.timeout(120):
                 while (run := await sm.get_run(run_id)).status is RunStatus.PENDING:

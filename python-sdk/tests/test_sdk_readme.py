@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sdk_serverproc import ServerProcess
+from sm_support import ServerProcess
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -29,7 +29,7 @@ def test_testing_snippet_runs() -> None:
 
 
 def wait_registered(server: ServerProcess, namespace: str, worker: subprocess.Popen[bytes]) -> None:
-    with httpx.Client(base_url=server.uri, headers={"x-api-key": server.key}) as http:
+    with httpx.Client(base_url=server.base_url, headers={"x-api-key": server.key}) as http:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             nodes = http.get(f"/v0/namespace/{namespace}/nodes/")
@@ -48,7 +48,7 @@ def test_quick_start_runs(sm_server: ServerProcess, tmp_path: Path) -> None:
         worker = subprocess.Popen(
             [sys.executable, "worker.py"],
             cwd=tmp_path,
-            env=sm_server.env(),
+            env=sm_server.client_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -57,7 +57,7 @@ def test_quick_start_runs(sm_server: ServerProcess, tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "run.py"],
             cwd=tmp_path,
-            env=sm_server.env(),
+            env=sm_server.client_env(),
             capture_output=True,
             text=True,
             timeout=120,

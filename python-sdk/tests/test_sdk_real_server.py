@@ -17,7 +17,7 @@ from exospherehost import GraphNodeModel, Runtime, StateManager
 from exospherehost._http import Backoff
 from exospherehost.errors import GraphValidationError
 from exospherehost.models import RunStatus, RunSummary
-from sdk_serverproc import ServerProcess, start_server, stop_server, unique_namespace
+from sm_support import ServerProcess, make_database, unique_namespace
 
 SCENARIO = Path(sdk_scenario.__file__)
 RUN_TIMEOUT = 120.0
@@ -30,7 +30,7 @@ def spawn_worker(
 ) -> subprocess.Popen[bytes]:
     """Start ``sdk_scenario.py`` as a worker process of ``namespace``; workers given the
     same ``state_dir`` share the scenario's attempt counters."""
-    env = server.env()
+    env = server.client_env()
     if state_dir is not None:
         env["SCENARIO_STATE_DIR"] = str(state_dir)
     with log_path.open("wb") as log:
@@ -66,14 +66,16 @@ def start_worker(sm_server: ServerProcess, tmp_path: Path) -> Iterator[WorkerFac
 @pytest.fixture
 async def manager(sm_server: ServerProcess) -> AsyncIterator[StateManager]:
     async with StateManager(
-        unique_namespace(), state_manager_uri=sm_server.uri, key=sm_server.key
+        unique_namespace(), state_manager_uri=sm_server.base_url, key=sm_server.key
     ) as sm:
         yield sm
 
 
 async def wait_registered(server: ServerProcess, namespace: str, count: int) -> None:
     """Wait until a worker process has registered ``count`` nodes in ``namespace``."""
-    async with httpx.AsyncClient(base_url=server.uri, headers={"x-api-key": server.key}) as http:
+    async with httpx.AsyncClient(
+        base_url=server.base_url, headers={"x-api-key": server.key}
+    ) as http:
         async with asyncio.timeout(60):
             while True:
                 response = await http.get(f"/v0/namespace/{namespace}/nodes/")
@@ -121,7 +123,7 @@ async def test_end_to_end_scenario(
     ]
     try:
         await wait_registered(server, namespace, len(sdk_scenario.NODES))
-        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+        async with StateManager(namespace, state_manager_uri=server.base_url, key=server.key) as sm:
             await run_scenario(sm)
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -226,7 +228,7 @@ async def test_run_until_idle_in_process(sm_server: ServerProcess, manager: Stat
         manager.namespace,
         "in-process",
         sdk_scenario.NODES,
-        state_manager_uri=sm_server.uri,
+        state_manager_uri=sm_server.base_url,
         key=sm_server.key,
         workers=8,
         wait_ms=2000,
@@ -271,7 +273,7 @@ async def test_heartbeats_are_accepted_by_the_server(
         manager.namespace,
         "heartbeats",
         [sdk_scenario.Sleepy],
-        state_manager_uri=sm_server.uri,
+        state_manager_uri=sm_server.base_url,
         key=sm_server.key,
         heartbeat_interval=0.2,
         wait_ms=1000,
@@ -305,12 +307,13 @@ async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
     """The server is killed (SIGKILL) while a node runs and comes back on the same
     database: the worker process keeps retrying its report, and the run succeeds."""
     workdir = tmp_path / "crashing-server"
-    server = await asyncio.to_thread(start_server, workdir)
+    server = ServerProcess(make_database("sqlite", workdir).url, workdir / "data")
+    await asyncio.to_thread(server.start)
     namespace = unique_namespace("crash")
     worker = spawn_worker(server, namespace, tmp_path / "worker.log")
     try:
         await wait_registered(server, namespace, len(sdk_scenario.NODES))
-        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+        async with StateManager(namespace, state_manager_uri=server.base_url, key=server.key) as sm:
             await sm.upsert_graph(
                 "sleepy",
                 [
@@ -329,20 +332,12 @@ async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
                 while (await sm.get_run_graph(run["run_id"])).count(status="QUEUED") == 0:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
 
-        server.process.kill()
-        await asyncio.to_thread(server.process.wait)
+        await asyncio.to_thread(server.kill)
         await asyncio.sleep(2.5)  # the node finishes while nobody is listening
         assert worker.poll() is None, "the worker died with the server"
-        port = int(server.uri.rsplit(":", 1)[1])
-        server = await asyncio.to_thread(
-            start_server,
-            workdir,
-            port=port,
-            key=server.key,
-            encryption_key=server.encryption_key,
-        )
+        await asyncio.to_thread(server.start)  # same port, key and database
 
-        async with StateManager(namespace, state_manager_uri=server.uri, key=server.key) as sm:
+        async with StateManager(namespace, state_manager_uri=server.base_url, key=server.key) as sm:
             async with asyncio.timeout(60):
                 while (summary := await sm.get_run(run["run_id"])).status is RunStatus.PENDING:  # noqa: ASYNC110
                     await asyncio.sleep(0.2)
@@ -357,7 +352,7 @@ async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-        stop_server(server)
+        server.stop()
 
 
 class LosingTransport(httpx.AsyncHTTPTransport):
@@ -400,7 +395,7 @@ async def test_lost_answers_neither_lose_nor_repeat_work(
         manager.namespace,
         "unreliable-network",
         sdk_scenario.NODES,
-        state_manager_uri=sm_server.uri,
+        state_manager_uri=sm_server.base_url,
         key=sm_server.key,
         workers=8,
         wait_ms=1000,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -21,6 +22,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import uvicorn
+from sm_api import REQUEST_ID_HEADER
 from state_manager.app import create_app
 from state_manager.settings import Mode, Settings, generate_encryption_key
 from state_manager.store.database import Database
@@ -40,29 +42,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _admin_execute(statement: str) -> None:
+def admin_execute(statement: str) -> None:
+    """Run one statement on the PostgreSQL server as the administrator.
+
+    In a thread of its own, so that callers inside an event loop can use it too.
+    """
     import asyncpg
 
     async def run() -> None:
-        connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
         try:
             await connection.execute(statement)
         finally:
             await connection.close()
 
-    asyncio.run(run())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, run()).result()
 
 
 def require_postgres() -> None:
     """Skip locally when PostgreSQL is down; fail in CI, where it must be up."""
-    import asyncpg
-
-    async def probe() -> None:
-        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-        await connection.close()
-
     try:
-        asyncio.run(probe())
+        admin_execute("SELECT 1")
     except Exception as exc:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is required in CI but unreachable: {exc}")
@@ -71,22 +72,37 @@ def require_postgres() -> None:
 
 @dataclass
 class TempDatabase:
+    """A test database; a PostgreSQL one (``name`` set) is dropped by :meth:`drop`,
+    also when used as a context manager."""
+
     url: str
     name: str | None = None
 
     def drop(self) -> None:
         if self.name:
-            _admin_execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            admin_execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def __enter__(self) -> TempDatabase:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.drop()
 
 
-def make_database(backend: str, tmp_path: Path) -> TempDatabase:
+def make_database(backend: str, tmp_path: Path, prefix: str = "exo_test_") -> TempDatabase:
+    """A fresh database: a SQLite file in ``tmp_path``, or a new PostgreSQL database
+    named ``prefix`` + a random suffix (see :func:`require_postgres` when it is down)."""
     if backend == "sqlite":
         return TempDatabase(url=f"sqlite:///{tmp_path / 'state.db'}")
     require_postgres()
-    name = "exo_test_" + uuid.uuid4().hex[:12]
-    _admin_execute(f'CREATE DATABASE "{name}"')
+    name = prefix + uuid.uuid4().hex[:12]
+    admin_execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     return TempDatabase(url=f"{base}/{name}", name=name)
+
+
+def unique_namespace(prefix: str = "sdk") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def test_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:
@@ -171,18 +187,53 @@ async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, An
 # -- the server as a separate process -------------------------------------------------
 
 
+# Variables that configure the server: a server process gets only those the test sets.
+SETTINGS_VARIABLES = frozenset(
+    {
+        "MODE",
+        "DATABASE_URL",
+        "MONGO_URI",
+        "MONGO_DATABASE_NAME",
+        "STATE_MANAGER_SECRET",
+        "SECRETS_ENCRYPTION_KEY",
+        "EXOSPHERE_DATA_DIR",
+        "EXOSPHERE_AUTO_MIGRATE",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "CORS_ORIGINS",
+        "MAX_BATCH_SIZE",
+        "MAX_FANOUT",
+        "MAX_PAGE_SIZE",
+        "MAX_REQUEST_BYTES",
+        "MAX_WAIT_MS",
+        "STATE_LEASE_SECONDS",
+        "TRIGGER_RETENTION_HOURS",
+        "TRIGGER_WORKERS",
+    }
+)
+
+
 @dataclass
 class ServerProcess:
     """``python -m state_manager`` in production mode, in its own process.
 
     Unlike :func:`serve`, the server can be killed for real (``kill -9``) and
-    started again on the same database and port.
+    started again on the same database and port. Its settings come from the
+    environment: the defaults below, overridden by ``env``. Output goes to files
+    in ``data_dir`` (a pipe nobody reads would stall a chatty server): stdout and
+    stderr together in :attr:`log_path`, or stderr apart in :attr:`stderr_path`
+    with ``separate_stderr``. Each ``/health`` probe of a start-up sends a request
+    id of its own, collected in ``probe_ids``.
     """
 
     database_url: str
     data_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    key: str = API_KEY
+    encryption_key: str = ENCRYPTION_KEY
+    separate_stderr: bool = False
+    probe_ids: set[str] = field(default_factory=set)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -192,44 +243,82 @@ class ServerProcess:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"x-api-key": API_KEY}
+        return {"x-api-key": self.key}
 
     @property
     def log_path(self) -> Path:
         return self.data_dir / f"server-{self.starts}.log"
 
+    @property
+    def stderr_path(self) -> Path:
+        return self.data_dir / f"server-{self.starts}.err"
+
+    def output(self) -> str:
+        """What the current (or last) start wrote."""
+        paths = [self.log_path, self.stderr_path] if self.separate_stderr else [self.log_path]
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a worker or client process (SDK) talking to this server."""
+        return {
+            **os.environ,
+            "EXOSPHERE_STATE_MANAGER_URI": self.base_url,
+            "EXOSPHERE_API_KEY": self.key,
+        }
+
     def start(self, timeout_s: float = 60.0) -> None:
         assert self.process is None, "already running"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        env = {
-            **os.environ,
-            "STATE_MANAGER_SECRET": API_KEY,
-            "SECRETS_ENCRYPTION_KEY": ENCRYPTION_KEY,
-            "DATABASE_URL": self.database_url,
-            "EXOSPHERE_AUTO_MIGRATE": "1",
-            "EXOSPHERE_DATA_DIR": str(self.data_dir),
-            "LOG_LEVEL": "WARNING",
-            **self.env,
-        }
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
+        env.update(
+            {
+                "STATE_MANAGER_SECRET": self.key,
+                "SECRETS_ENCRYPTION_KEY": self.encryption_key,
+                "DATABASE_URL": self.database_url,
+                "EXOSPHERE_AUTO_MIGRATE": "1",
+                "EXOSPHERE_DATA_DIR": str(self.data_dir),
+                "LOG_LEVEL": "WARNING",
+                **self.env,
+            }
+        )
         command = [sys.executable, "-m", "state_manager", "--mode=production"]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log_path.open("wb") as log:
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(self.log_path.open("wb"))
+            err = (
+                files.enter_context(self.stderr_path.open("wb"))
+                if self.separate_stderr
+                else subprocess.STDOUT
+            )
             self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                env=env,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                output = self.log_path.read_text(errors="replace")
+                code = self.process.returncode
                 self.process = None
-                raise RuntimeError(f"server exited at start-up:\n{output}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                raise RuntimeError(f"server exited with {code} at start-up:\n{self.output()}")
+            probe_id = str(uuid.uuid4())
+            self.probe_ids.add(probe_id)
+            with contextlib.suppress(httpx.TransportError):
+                probe = httpx.get(
+                    f"{self.base_url}/health", headers={REQUEST_ID_HEADER: probe_id}, timeout=1
+                )
+                if probe.status_code == 200 and probe.json() == {"message": "OK"}:
                     return
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server did not answer /health within {timeout_s}s")
+                raise RuntimeError(
+                    f"server did not answer /health within {timeout_s}s:\n{self.output()}"
+                )
             time.sleep(0.05)
 
     def kill(self) -> None:
@@ -252,10 +341,11 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(
-    database_url: str, data_dir: Path, env: dict[str, str] | None = None
+    database_url: str, data_dir: Path, env: dict[str, str] | None = None, **options: Any
 ) -> Iterator[ServerProcess]:
-    """A started :class:`ServerProcess`, stopped when the block exits."""
-    server = ServerProcess(database_url, data_dir, dict(env or {}))
+    """A started :class:`ServerProcess` (``options``: its other fields), stopped when
+    the block exits."""
+    server = ServerProcess(database_url, data_dir, dict(env or {}), **options)
     server.start()
     try:
         yield server

@@ -13,10 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,25 +21,11 @@ from typing import Any
 
 import httpx
 from sm_api import REQUEST_ID_HEADER, Api, expect_error, node, template_node
-from sm_support import free_port
+from sm_support import ServerProcess
 from state_manager import logs
 from state_manager.settings import generate_encryption_key
 
 NS = "ops-logs"
-# Variables that configure the server; the test sets the ones it wants and drops the rest.
-SETTINGS_VARIABLES = {
-    "MODE",
-    "DATABASE_URL",
-    "MONGO_URI",
-    "MONGO_DATABASE_NAME",
-    "STATE_MANAGER_SECRET",
-    "SECRETS_ENCRYPTION_KEY",
-    "EXOSPHERE_DATA_DIR",
-    "EXOSPHERE_AUTO_MIGRATE",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-    "CORS_ORIGINS",
-}
 
 
 def secret(label: str) -> str:
@@ -92,58 +74,14 @@ class Output:
 
 
 @contextlib.contextmanager
-def server_process(
-    env: dict[str, str], output: list[Output], probe_ids: set[str], workdir: Path
-) -> Iterator[str]:
-    """Run ``python -m state_manager`` on a free port; its output is appended on exit.
-
-    Start-up is awaited by polling ``/health``; each probe's request id goes in ``probe_ids``.
-    Output goes to files (a pipe nobody reads would stall a chatty server).
-    """
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "state_manager",
-        "--mode=production",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    out_path = workdir / f"server-{len(output)}.out"
-    err_path = workdir / f"server-{len(output)}.err"
-    with out_path.open("wb") as out, err_path.open("wb") as err:
-        process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
-        )
+def running(server: ServerProcess, output: list[Output]) -> Iterator[str]:
+    """Start ``server``; stop it when the block exits and append its output."""
+    server.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited: {err_path.read_text()}")
-            probe_id = str(uuid.uuid4())
-            probe_ids.add(probe_id)
-            with contextlib.suppress(httpx.TransportError):
-                probe = httpx.get(
-                    f"{base_url}/health", headers={REQUEST_ID_HEADER: probe_id}, timeout=1
-                )
-                if probe.status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError("the server did not answer /health within 30 s")
-            time.sleep(0.05)
-        yield base_url
+        yield server.base_url
     finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        output.append(Output(out_path.read_text(), err_path.read_text()))
+        server.stop()
+        output.append(Output(server.log_path.read_text(), server.stderr_path.read_text()))
 
 
 def parse_lines(text: str) -> list[dict[str, Any]]:
@@ -177,22 +115,21 @@ async def test_production_logs_are_json_with_request_ids_and_no_secrets(
         "query string value": in_query,
         "invalid body value": in_bad_body,
     }
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARIABLES}
-    env.update(
-        STATE_MANAGER_SECRET=api_key,
-        SECRETS_ENCRYPTION_KEY=first_key,
-        DATABASE_URL=database_url,
-        EXOSPHERE_AUTO_MIGRATE="1",
-        EXOSPHERE_DATA_DIR=str(tmp_path / "data"),
-        LOG_LEVEL="DEBUG",
+    # As operators run it: settings from the environment, everything it writes captured.
+    server = ServerProcess(
+        database_url,
+        tmp_path / "data",
+        {"LOG_LEVEL": "DEBUG"},
+        key=api_key,
+        encryption_key=first_key,
+        separate_stderr=True,
     )
     output: list[Output] = []
-    probe_ids: set[str] = set()
     recorder = Recorder()
     hooks: dict[str, list[Any]] = {"request": [recorder.add_id], "response": [recorder.record]}
     anonymous_hooks: dict[str, list[Any]] = {"response": [recorder.record]}
 
-    with server_process(env, output, probe_ids, tmp_path) as base_url:
+    with running(server, output) as base_url:
         async with (
             httpx.AsyncClient(
                 base_url=base_url, headers={"x-api-key": api_key}, event_hooks=hooks, timeout=30
@@ -261,8 +198,8 @@ async def test_production_logs_are_json_with_request_ids_and_no_secrets(
             state_id = a["state_id"]
 
     # The same database under another encryption key: the stored secrets cannot be read.
-    env["SECRETS_ENCRYPTION_KEY"] = second_key
-    with server_process(env, output, probe_ids, tmp_path) as base_url:
+    server.encryption_key = second_key
+    with running(server, output) as base_url:
         async with httpx.AsyncClient(
             base_url=base_url, headers={"x-api-key": api_key}, event_hooks=hooks, timeout=30
         ) as client:
@@ -311,7 +248,7 @@ async def test_production_logs_are_json_with_request_ids_and_no_secrets(
             sent.status,
         ), line
         assert line["level"] == "INFO" and isinstance(line["latency_ms"], float | int), line
-    assert {r["request_id"] for r in records} - {None} <= echoed | probe_ids
+    assert {r["request_id"] for r in records} - {None} <= echoed | server.probe_ids
     assert not any("not-a-uuid" in json.dumps(r) for r in records)
 
     # A line logged while serving a request (not the access line) carries that request's id.
