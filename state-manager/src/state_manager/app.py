@@ -15,8 +15,9 @@ from state_manager.api.middleware import RequestContextMiddleware
 from state_manager.api.routes import v0
 from state_manager.background import loops
 from state_manager.crypto import SecretBox, SecretDecryptionError
-from state_manager.errors import DatabaseNotMigrated, StateManagerError
+from state_manager.errors import StateManagerError
 from state_manager.metrics import Metrics
+from state_manager.services import operations
 from state_manager.services.context import Context
 from state_manager.settings import Settings
 from state_manager.store.database import Database
@@ -81,41 +82,14 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     @app.get("/ready", tags=["operations"])
     async def ready(request: Request) -> JSONResponse:
         context: Context | None = getattr(request.app.state, "context", None)
-        if context is None:
-            return JSONResponse({"ready": False, "detail": "starting"}, status_code=503)
-        try:
-            await context.db.check_migrated()
-        except DatabaseNotMigrated as exc:
-            return JSONResponse({"ready": False, "detail": exc.detail}, status_code=503)
-        except Exception as exc:
-            return JSONResponse(
-                {"ready": False, "detail": f"database unreachable: {type(exc).__name__}"},
-                status_code=503,
-            )
+        problem = "starting" if context is None else await operations.readiness_problem(context)
+        if problem is not None:
+            return JSONResponse({"ready": False, "detail": problem}, status_code=503)
         return JSONResponse({"ready": True})
 
     @app.get("/metrics", tags=["operations"])
     async def metrics_endpoint(request: Request) -> Response:
-        context: Context = request.app.state.context
-        counts: dict[tuple[str, str, str], int] = {}
-        backlog: dict[tuple[str, str], int] = {}
-        try:
-            async with context.db.read() as tx:
-                counts = await tx.count_states()
-                backlog = await tx.claimable_backlog(context.clock())
-        except Exception as exc:
-            # Counters stay scrapeable while the database is away; the sampled gauges
-            # are dropped (not left stale) and the outage shows as exosphere_database_up 0.
-            logger.warning("metrics: cannot sample the database: %s", type(exc).__name__)
-            metrics.database_up.set(0)
-        else:
-            metrics.database_up.set(1)
-        metrics.states.clear()
-        for (namespace, node, status), value in counts.items():
-            metrics.states.labels(namespace, node, status).set(value)
-        metrics.backlog.clear()
-        for (namespace, node), value in backlog.items():
-            metrics.backlog.labels(namespace, node).set(value)
+        await operations.sample_gauges(request.app.state.context)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(v0)
