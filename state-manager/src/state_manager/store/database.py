@@ -224,10 +224,6 @@ class Database:
 
         await self._listener.add_listener(NOTIFY_CHANNEL, _forward)
 
-    async def ping(self) -> None:
-        async with self.engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
-
     async def close(self) -> None:
         if self._listener is not None:
             with contextlib.suppress(Exception):

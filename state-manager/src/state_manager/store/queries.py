@@ -449,14 +449,13 @@ class Tx:
         )
         return [StateRow.from_row(row) for row in result.mappings()]
 
-    async def count_states(self, namespace: str | None = None) -> dict[tuple[str, str, str], int]:
+    async def count_states(self) -> dict[tuple[str, str, str], int]:
         """Count states by (namespace, node_name, status), for metrics."""
-        query = sa.select(
-            states.c.namespace, states.c.node_name, states.c.status, sa.func.count()
-        ).group_by(states.c.namespace, states.c.node_name, states.c.status)
-        if namespace is not None:
-            query = query.where(states.c.namespace == namespace)
-        result = await self.connection.execute(query)
+        result = await self.connection.execute(
+            sa.select(
+                states.c.namespace, states.c.node_name, states.c.status, sa.func.count()
+            ).group_by(states.c.namespace, states.c.node_name, states.c.status)
+        )
         return {(ns, node, status): int(n) for ns, node, status, n in result}
 
     async def claimable_backlog(self, now: int) -> dict[tuple[str, str], int]:
