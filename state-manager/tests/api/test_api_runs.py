@@ -144,6 +144,20 @@ async def test_runs_listing_counts_statuses_and_pages(client: httpx.AsyncClient)
     empty = await _list(Api(client, "nothing-here"), 1, 10)
     assert empty == {"namespace": "nothing-here", "total": 0, "page": 1, "size": 10, "runs": []}
 
+    # One run's summary agrees with its listing entry and counts every status.
+    for item in runs:
+        r = await client.get(f"{api.base}/run/{item['run_id']}")
+        assert r.status_code == 200, r.text
+        summary = r.json()
+        assert summary == {**item, "namespace": NS, "counts": summary["counts"]}
+        assert set(summary["counts"]) == set(STATUSES)
+        assert sum(summary["counts"].values()) == item["total_count"]
+        assert summary["counts"]["RETRY_CREATED"] == item["retried_count"]
+    other_run = other_listing["runs"][0]["run_id"]
+    for run_id in (other_run, str(uuid.uuid4()), "not-a-run"):
+        detail = f"Run {run_id} not found in namespace {NS}"
+        expect_error(await client.get(f"{api.base}/run/{run_id}"), 404, detail)
+
 
 async def test_runs_listing_rejects_bad_pages(client: httpx.AsyncClient) -> None:
     base = f"/v0/namespace/{NS}/runs"

@@ -243,20 +243,33 @@ async def list_runs(
         total=total,
         page=page,
         size=size,
-        runs=[
-            schemas.RunListItem(
-                run_id=s.run_id,
-                graph_name=s.graph_name,
-                success_count=s.success_count,
-                pending_count=s.pending_count,
-                errored_count=s.errored_count,
-                retried_count=s.retried_count,
-                total_count=s.total_count,
-                status=s.status,
-                created_at=iso(s.created_at),
-            )
-            for s in summaries
-        ],
+        runs=[schemas.RunListItem(**_run_fields(s)) for s in summaries],
+    )
+
+
+def _run_fields(summary: runs.RunSummary) -> dict[str, Any]:
+    return {
+        "run_id": summary.run_id,
+        "graph_name": summary.graph_name,
+        "success_count": summary.success_count,
+        "pending_count": summary.pending_count,
+        "errored_count": summary.errored_count,
+        "retried_count": summary.retried_count,
+        "total_count": summary.total_count,
+        "status": summary.status,
+        "created_at": iso(summary.created_at),
+    }
+
+
+@ns.get("/run/{run_id}", tags=["runs"])
+async def run_summary(
+    namespace_name: Namespace, run_id: RunId, ctx: ContextDep
+) -> schemas.RunSummaryResponse:
+    """One run's status and its states counted by status (not in the original v0 API)."""
+    summary = await runs.run_summary(ctx, namespace_name, run_id)
+    counts = {status: summary.counts.get(status.value, 0) for status in StateStatus}
+    return schemas.RunSummaryResponse(
+        **_run_fields(summary), namespace=namespace_name, counts=counts
     )
 
 

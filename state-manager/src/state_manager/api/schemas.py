@@ -134,6 +134,13 @@ class RunListItem(BaseModel):
     created_at: str
 
 
+class RunSummaryResponse(RunListItem):
+    """One run (an extension of the v0 API): the listing's fields plus counts per status."""
+
+    namespace: str
+    counts: dict[StateStatus, int]
+
+
 class RunsResponse(BaseModel):
     namespace: str
     total: int

@@ -223,6 +223,21 @@ async def list_runs(
     ]
 
 
+async def run_summary(ctx: Context, namespace: str, run_id: str) -> RunSummary:
+    """One run's status and its states counted by status; 404 for a run of another namespace."""
+    async with ctx.db.read() as tx:
+        run = await tx.get_run(run_id)
+        if run is None or run["namespace"] != namespace:
+            raise NotFound(f"Run {run_id} not found in namespace {namespace}")
+        counts = await tx.status_counts([run_id])
+    return RunSummary(
+        run_id=run_id,
+        graph_name=run["graph_name"],
+        created_at=run["created_at"],
+        counts=counts[run_id],
+    )
+
+
 async def run_states(ctx: Context, namespace: str, run_id: str) -> list[StateRow]:
     async with ctx.db.read() as tx:
         return await tx.run_states(run_id, namespace)
