@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -17,7 +18,7 @@ from state_manager.background import loops
 from state_manager.crypto import SecretBox, SecretDecryptionError
 from state_manager.errors import StateManagerError
 from state_manager.metrics import Metrics
-from state_manager.services import operations
+from state_manager.services import operations, writes
 from state_manager.services.context import Context
 from state_manager.settings import Settings
 from state_manager.store.database import Database
@@ -47,6 +48,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
         )
         db.on_work = context.notifier.notify
         await db.start_listening()
+        context.committer.start(functools.partial(writes.run_batch, context))
         app.state.context = context
         tasks = loops.start(context) if run_background else []
         logger.info(
@@ -57,6 +59,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
             yield
         finally:
             await loops.stop(tasks)
+            await context.committer.stop()
             await db.close()
 
     app = FastAPI(

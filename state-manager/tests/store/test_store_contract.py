@@ -13,6 +13,7 @@ from state_manager.domain.models import NodeTemplate, StateStatus, TriggerStatus
 from state_manager.errors import DatabaseNotMigrated
 from state_manager.services.progress import state_row
 from state_manager.store.database import Database
+from state_manager.store.queries import MUTABLE_STATE_COLUMNS
 from state_manager.store.tables import metadata
 
 NODE = NodeTemplate(node_name="Work", namespace="ns", identifier="work", inputs={})
@@ -122,22 +123,69 @@ async def test_concurrent_claims_never_share_a_state(db: Database, backend: str)
     assert len(claimed) == len(set(claimed)) == 200
 
 
-async def test_transition_is_compare_and_set(db: Database) -> None:
-    row = new_state(status=StateStatus.QUEUED.value)
+def _changed(row: dict[str, Any], **values: Any) -> dict[str, Any]:
+    fixed = {"id": row["id"], "namespace": row["namespace"]}
+    return {**{c: row[c] for c in MUTABLE_STATE_COLUMNS}, **values, **fixed}
+
+
+async def test_locked_states_are_changed_one_locker_at_a_time(db: Database) -> None:
+    rows = [new_state(status=StateStatus.QUEUED.value) for _ in range(3)]
     async with db.write() as tx:
-        await tx.insert_states([row])
-    async with db.write() as tx:
-        first = await tx.transition(
-            row["id"], [StateStatus.QUEUED], {"status": StateStatus.SUCCESS.value}
-        )
-        second = await tx.transition(
-            row["id"], [StateStatus.QUEUED], {"status": StateStatus.ERRORED.value}
-        )
-    assert first is not None and first.status == StateStatus.SUCCESS.value
-    assert second is None
+        await tx.insert_states(rows)
+    others = Database(db.url.replace("+aiosqlite", "").replace("+asyncpg", ""))
+    first_locked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def first() -> None:
+        async with db.write() as tx:
+            locked = await tx.lock_states([rows[0]["id"], rows[1]["id"], "0" * 24])
+            assert set(locked) == {rows[0]["id"], rows[1]["id"]}  # missing ids are absent
+            first_locked.set()
+            await release.wait()
+            await tx.update_states(
+                [_changed(rows[0], status=StateStatus.SUCCESS.value, outputs={"y": "1"})]
+            )
+
+    async def second() -> str:
+        await first_locked.wait()
+        async with others.write() as tx:
+            locked = await tx.lock_states([rows[0]["id"]])
+            return locked[rows[0]["id"]].status
+
+    try:
+        task = asyncio.create_task(first())
+        waiting = asyncio.create_task(second())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # the second locker waits for the first to commit
+        release.set()
+        await task
+        assert await waiting == StateStatus.SUCCESS.value  # and then sees its change
+    finally:
+        await others.close()
     async with db.read() as tx:
-        stored = await tx.get_state(row["id"])
-    assert stored is not None and stored.status == StateStatus.SUCCESS.value
+        stored = await tx.get_states([r["id"] for r in rows])
+    assert stored[rows[0]["id"]].outputs == {"y": "1"}
+    assert stored[rows[1]["id"]].status == StateStatus.QUEUED.value
+
+
+async def test_update_states_writes_every_mutable_column(db: Database) -> None:
+    rows = [new_state(status=StateStatus.QUEUED.value, claimed_at=5) for _ in range(2)]
+    async with db.write() as tx:
+        await tx.insert_states(rows)
+    changes = [
+        _changed(rows[0], status="PRUNED", data={"why": "x"}, claimed_at=None, updated_at=7),
+        _changed(rows[1], status="CREATED", enqueue_after=9, lease_expires_at=None, error="e"),
+    ]
+    async with db.write() as tx:
+        await tx.update_states(changes)
+        assert tx.work_namespaces == {"ns"}  # the re-created state is claimable work
+    async with db.read() as tx:
+        stored = await tx.get_states([r["id"] for r in rows])
+    for change in changes:
+        state = stored[change["id"]]
+        assert {c: getattr(state, c) for c in MUTABLE_STATE_COLUMNS} == {
+            c: change[c] for c in MUTABLE_STATE_COLUMNS
+        }
 
 
 async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Database) -> None:
@@ -145,16 +193,18 @@ async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Database) 
     same_retry = new_state(retry_count=1, fanout_id="f-1")
     uniting = new_state(does_unites=True, state_fingerprint="a" * 64)
     same_uniting = new_state(does_unites=True, state_fingerprint="a" * 64)
+    other = new_state(retry_count=2, fanout_id="f-1")
     async with db.write() as tx:
-        assert await tx.insert_state_unless_exists(retry)
-        assert not await tx.insert_state_unless_exists(same_retry)
-        assert await tx.insert_state_unless_exists(uniting)
-        assert not await tx.insert_state_unless_exists(same_uniting)
-        # the failed inserts did not poison the transaction
+        assert await tx.insert_states_unless_exist([retry, uniting]) == {retry["id"], uniting["id"]}
+        inserted = await tx.insert_states_unless_exist([same_retry, same_uniting, other])
+        assert inserted == {other["id"]}
+        assert await tx.state_exists("run-1", "work", 1, "f-1")
+        assert not await tx.state_exists("run-1", "work", 3, "f-1")
+        # the skipped inserts did not poison the transaction
         assert await tx.get_state(retry["id"]) is not None
     async with db.read() as tx:
-        found = await tx.get_states([retry["id"], same_retry["id"], uniting["id"]])
-    assert set(found) == {retry["id"], uniting["id"]}
+        found = await tx.get_states([retry["id"], same_retry["id"], uniting["id"], other["id"]])
+    assert set(found) == {retry["id"], uniting["id"], other["id"]}
 
 
 async def test_json_columns_keep_key_order(db: Database) -> None:
@@ -181,7 +231,7 @@ async def test_rolled_back_transaction_leaves_nothing(db: Database) -> None:
 
 async def test_group_counters_are_atomic(db: Database) -> None:
     async with db.write() as tx:
-        await tx.create_group("g" * 24, "run-1", "split", pending=0)
+        await tx.create_groups([{"group_id": "g" * 24, "run_id": "run-1", "identifier": "s"}])
 
     async def bump() -> None:
         async with db.write() as tx:

@@ -7,7 +7,7 @@ import functools
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -20,6 +20,7 @@ from state_manager.domain import templating
 from state_manager.domain.models import GraphSpec, NodeTemplate
 from state_manager.errors import NotFound
 from state_manager.metrics import Metrics
+from state_manager.services.committer import Committer
 from state_manager.settings import Settings
 from state_manager.store.database import Database, is_transient
 from state_manager.store.queries import Tx, VersionRow
@@ -143,17 +144,23 @@ class GraphCache:
                 self._entries.popitem(last=False)
         return graph
 
-    async def for_run(self, tx: Tx, run_id: str) -> CompiledGraph:
-        version_id = self._run_versions.get(run_id)
-        if version_id is None:
-            run = await tx.get_run(run_id)
-            if run is None:
-                raise NotFound(f"Run {run_id} not found")
-            version_id = str(run["version_id"])
-            self._run_versions[run_id] = version_id
-            if len(self._run_versions) > self._capacity * 64:
-                self._run_versions.popitem(last=False)
-        return await self.for_version(tx, version_id)
+    async def for_runs(self, tx: Tx, run_ids: Iterable[str]) -> dict[str, CompiledGraph]:
+        """The graph of each run, looking up the runs not seen before in one query."""
+        wanted = set(run_ids)
+        missing = wanted - self._run_versions.keys()
+        if missing:
+            found = await tx.run_versions(missing)
+            for run_id in missing:
+                if run_id not in found:
+                    raise NotFound(f"Run {run_id} not found")
+            self.remember_runs(found)
+        return {run_id: await self.for_version(tx, self._run_versions[run_id]) for run_id in wanted}
+
+    def remember_runs(self, versions: Mapping[str, str]) -> None:
+        """Record the version new runs are pinned to (it never changes)."""
+        self._run_versions.update(versions)
+        while len(self._run_versions) > self._capacity * 64:
+            self._run_versions.popitem(last=False)
 
 
 @dataclass
@@ -168,3 +175,5 @@ class Context:
     graphs: GraphCache = field(default_factory=GraphCache)
     clock: Callable[[], int] = now_ms
     validation_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Every change to states and runs goes through it (started by the app).
+    committer: Committer = field(default_factory=Committer)

@@ -16,7 +16,7 @@ state fingerprint is unique.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,46 +114,53 @@ def derived_row(
 
 
 class Resolver:
-    """Resolves placeholders for states of one run, loading what it needs once."""
+    """Resolves placeholders for states of several runs, loading what they need at once."""
 
-    def __init__(self, tx: Tx, graph: CompiledGraph, run_id: str) -> None:
+    def __init__(self, tx: Tx) -> None:
         self._tx = tx
-        self._graph = graph
-        self._run_id = run_id
-        self._store: dict[str, str] | None = None
+        self._stores: dict[str, dict[str, str]] = {}
         self._outputs: dict[str, dict[str, Any]] = {}
 
     async def preload(
-        self, templates: Sequence[templating.ParsedTemplate], parents: Mapping[str, str]
+        self,
+        wants: Iterable[tuple[str, Sequence[templating.ParsedTemplate], Mapping[str, str]]],
     ) -> None:
-        """Fetch the store and ancestor outputs the templates refer to, in two queries at most."""
-        refs = [ref for template in templates for ref in template.references()]
-        if self._store is None and any(isinstance(r, templating.StoreRef) for r in refs):
-            self._store = await self._tx.get_store(self._run_id)
-        wanted = {
-            parents[r.identifier]
-            for r in refs
-            if isinstance(r, templating.OutputRef)
-            and r.identifier in parents
-            and parents[r.identifier] not in self._outputs
-        }
-        if wanted:
-            for state_id, state in (await self._tx.get_states(wanted)).items():
+        """Fetch the stores and ancestor outputs that templates refer to, in two queries
+        at most. ``wants`` holds (run id, templates, parents of the state rendering them)."""
+        runs: set[str] = set()
+        states: set[str] = set()
+        for run_id, templates, parents in wants:
+            for template in templates:
+                for ref in template.references():
+                    if isinstance(ref, templating.StoreRef):
+                        runs.add(run_id)
+                    elif ref.identifier in parents:
+                        states.add(parents[ref.identifier])
+        runs -= self._stores.keys()
+        states -= self._outputs.keys()
+        if runs:
+            self._stores.update(await self._tx.get_stores(runs))
+        if states:
+            for state_id, state in (await self._tx.get_states(states)).items():
                 self._outputs[state_id] = state.outputs
 
     def render(
         self,
+        graph: CompiledGraph,
+        run_id: str,
         templates: Mapping[str, templating.ParsedTemplate],
         *,
         own_identifier: str,
         own_outputs: Mapping[str, Any],
         parents: Mapping[str, str],
     ) -> dict[str, str]:
+        store = self._stores.get(run_id, {})
+        defaults = graph.spec.store_config.default_values
+
         def resolve(ref: templating.Placeholder) -> object:
             if isinstance(ref, templating.StoreRef):
-                if self._store is not None and ref.key in self._store:
-                    return self._store[ref.key]
-                defaults = self._graph.spec.store_config.default_values
+                if ref.key in store:
+                    return store[ref.key]
                 if ref.key in defaults:
                     return defaults[ref.key]
                 raise templating.TemplateError(f"store key '{ref.key}' has no value in this run")
@@ -203,11 +210,17 @@ class GroupLedger:
 
 
 async def settle_groups(
-    tx: Tx, graph: CompiledGraph, ledger: GroupLedger, now: int, *, opened: set[str] | None = None
+    tx: Tx,
+    graphs: Mapping[str, CompiledGraph],
+    ledger: GroupLedger,
+    now: int,
+    *,
+    opened: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Apply the ledger and create uniting states for groups that finished.
 
-    Returns the uniting state rows that were inserted.
+    ``graphs`` maps the run of every state in the ledger to its graph. Returns the
+    uniting state rows that were inserted.
     """
     created: list[dict[str, Any]] = []
     opened = opened or set()
@@ -221,12 +234,13 @@ async def settle_groups(
         target = await tx.get_state(group_id)
         if target is None:
             continue
+        graph = graphs[target.run_id]
         for uniting in graph.uniting_by_target.get(target.identifier, []):
             assert uniting.unites is not None
             if not buckets.ready(uniting.unites.strategy, counters[0], counters[1]):
                 continue
             row = await _uniting_row(tx, graph, target, uniting, now)
-            if await tx.insert_state_unless_exists(row):
+            if await tx.insert_states_unless_exist([row]):
                 created.append(row)
                 ledger.add(row["groups"], None, StateStatus(row["status"]))
     return created
@@ -237,10 +251,12 @@ async def _uniting_row(
 ) -> dict[str, Any]:
     """The state of ``uniting`` built from the target state that opened the group."""
     templates = graph.parsed_inputs[uniting.identifier]
-    resolver = Resolver(tx, graph, target.run_id)
-    await resolver.preload(list(templates.values()), target.parents)
+    resolver = Resolver(tx)
+    await resolver.preload([(target.run_id, list(templates.values()), target.parents)])
     try:
         inputs = resolver.render(
+            graph,
+            target.run_id,
             templates,
             own_identifier=target.identifier,
             own_outputs=target.outputs,
@@ -286,6 +302,8 @@ def successor_rows(
         if successor.unites is not None:
             continue  # created by its group, not by an edge
         inputs = resolver.render(
+            graph,
+            member["run_id"],
             graph.parsed_inputs[successor_id],
             own_identifier=identifier,
             own_outputs=member["outputs"],

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from state_manager.domain import cron, templating
+from state_manager.domain import cron
 from state_manager.domain.ids import is_object_id, new_object_id
-from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus, ValidationStatus
+from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus
 from state_manager.errors import InvalidRequest, NotFound, StateManagerError
+from state_manager.services import writes
 from state_manager.services.context import Context
-from state_manager.services.progress import state_row
-from state_manager.store.queries import StateRow, Tx
+from state_manager.services.ops import Trigger
+from state_manager.store.queries import StateRow
 
 logger = logging.getLogger(__name__)
 
@@ -29,80 +29,9 @@ async def trigger(
     source: str = "api",
 ) -> str:
     """Start a run: the run record, its store and the root state, in one transaction."""
-    async with ctx.db.write() as tx:
-        run_id = await trigger_in(ctx, tx, namespace, graph_name, store, inputs, start_delay)
-    ctx.metrics.runs_triggered.labels(namespace, graph_name, source).inc()
-    return run_id
-
-
-async def trigger_in(
-    ctx: Context,
-    tx: Tx,
-    namespace: str,
-    graph_name: str,
-    store: dict[str, str],
-    inputs: dict[str, str],
-    start_delay: int,
-) -> str:
-    """:func:`trigger` inside an existing transaction (used by cron)."""
-    template = await tx.get_template(namespace, graph_name)
-    if template is None:
-        raise NotFound(f"Graph template {graph_name} not found in namespace {namespace}")
-    if template.validation_status != ValidationStatus.VALID or template.version_id is None:
-        raise InvalidRequest("Graph template is not valid")
-    graph = await ctx.graphs.for_version(tx, template.version_id)
-    root = graph.root
-    missing = [key for key in graph.spec.store_config.required_keys if key not in store]
-    if missing:
-        raise InvalidRequest(f"Missing store keys: {', '.join(missing)}")
-    defaults = graph.spec.store_config.default_values
-
-    def resolve(ref: templating.Placeholder) -> object:
-        if isinstance(ref, templating.StoreRef):
-            if ref.key in store:
-                return store[ref.key]
-            if ref.key in defaults:
-                return defaults[ref.key]
-            raise templating.TemplateError(f"store key '{ref.key}' has no value")
-        raise templating.TemplateError(f"the root node cannot use '{ref}'")
-
-    rendered: dict[str, str] = {}
-    try:
-        for name, template_input in graph.parsed_inputs[root.identifier].items():
-            # Values given at trigger time are literal text, not templates.
-            rendered[name] = (
-                inputs[name] if name in inputs else templating.render(template_input, resolve)
-            )
-    except templating.TemplateError as exc:
-        raise InvalidRequest(f"Invalid input: {exc}") from None
-    now = ctx.clock()
-    run_id = str(uuid.uuid4())
-    await tx.insert_run(
-        {
-            "run_id": run_id,
-            "namespace": namespace,
-            "graph_name": graph_name,
-            "version_id": template.version_id,
-            "created_at": now,
-        }
+    return await ctx.committer.submit(
+        Trigger(namespace, graph_name, store, inputs, start_delay, source)
     )
-    await tx.insert_store(run_id, store)
-    await tx.insert_states(
-        [
-            state_row(
-                namespace=namespace,
-                graph_name=graph_name,
-                run_id=run_id,
-                node=root,
-                inputs=rendered,
-                parents={},
-                groups={},
-                now=now,
-                enqueue_after=now + start_delay,
-            )
-        ]
-    )
-    return run_id
 
 
 # -- cron ---------------------------------------------------------------------------
@@ -119,8 +48,10 @@ async def fire_due_trigger(ctx: Context) -> bool:
         run_id: str | None = None
         error: str | None = None
         try:
-            async with tx.connection.begin_nested():
-                run_id = await trigger_in(ctx, tx, record.namespace, record.graph_name, {}, {}, 0)
+            # Raises before writing anything when the run cannot start.
+            run_id = await writes.start_run(
+                ctx, tx, Trigger(record.namespace, record.graph_name, {}, {}, 0, "cron")
+            )
         except StateManagerError as exc:
             error = exc.detail
         status = TriggerStatus.TRIGGERED if error is None else TriggerStatus.FAILED

@@ -61,6 +61,25 @@ class StateRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
+# The columns a state change may write; everything else is fixed at insert.
+MUTABLE_STATE_COLUMNS = (
+    "status",
+    "outputs",
+    "data",
+    "error",
+    "enqueue_after",
+    "lease_expires_at",
+    "claimed_at",
+    "updated_at",
+)
+_UPDATE_KEYS = ("id", *MUTABLE_STATE_COLUMNS)
+_UPDATE_STATE = (
+    states.update()
+    .where(states.c.id == sa.bindparam("b_id"))
+    .values({column: sa.bindparam(f"b_{column}") for column in MUTABLE_STATE_COLUMNS})
+)
+
+
 @dataclass(frozen=True)
 class TemplateRow:
     id: str
@@ -282,20 +301,10 @@ class Tx:
 
     # -- runs and stores ----------------------------------------------------------
 
-    async def insert_run(self, values: Mapping[str, Any]) -> None:
-        await self.connection.execute(runs.insert().values(**values))
-
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         result = await self.connection.execute(sa.select(runs).where(runs.c.run_id == run_id))
         row = result.mappings().first()
         return dict(row) if row else None
-
-    async def insert_store(self, run_id: str, store: Mapping[str, str]) -> None:
-        if store:
-            await self.connection.execute(
-                store_entries.insert(),
-                [{"run_id": run_id, "key": k, "value": v} for k, v in store.items()],
-            )
 
     async def get_store(self, run_id: str) -> dict[str, str]:
         result = await self.connection.execute(
@@ -304,6 +313,38 @@ class Tx:
             )
         )
         return {row.key: row.value for row in result}
+
+    async def get_stores(self, run_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """The stores of several runs (a run without entries maps to ``{}``)."""
+        ids = list(set(run_ids))
+        found: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
+        if not ids:
+            return found
+        result = await self.connection.execute(
+            sa.select(store_entries).where(store_entries.c.run_id.in_(ids))
+        )
+        for row in result:
+            found[row.run_id][row.key] = row.value
+        return found
+
+    async def run_versions(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """The graph version each of these runs is pinned to."""
+        ids = list(set(run_ids))
+        if not ids:
+            return {}
+        result = await self.connection.execute(
+            sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(ids))
+        )
+        return {row.run_id: row.version_id for row in result}
+
+    async def insert_runs(
+        self, rows: Sequence[Mapping[str, Any]], stores: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Insert run records and their store entries (``run_id``, ``key``, ``value``)."""
+        if rows:
+            await self.connection.execute(runs.insert(), [dict(r) for r in rows])
+        if stores:
+            await self.connection.execute(store_entries.insert(), [dict(s) for s in stores])
 
     async def count_runs(self, namespace: str) -> int:
         value = await self.connection.scalar(
@@ -341,13 +382,6 @@ class Tx:
             await self.connection.execute(states.insert(), [dict(r) for r in rows])
             self._note_work(rows)
 
-    async def insert_state_unless_exists(self, row: Mapping[str, Any]) -> bool:
-        """Insert a state unless a unique key (retry key, fingerprint) already holds it."""
-        inserted = await self._insert_ignoring_conflict(states, row)
-        if inserted:
-            self._note_work([row])
-        return inserted
-
     def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
             if row["status"] == StateStatus.CREATED.value:
@@ -365,30 +399,61 @@ class Tx:
         result = await self.connection.execute(sa.select(states).where(states.c.id.in_(ids)))
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
-    async def transition(
-        self,
-        state_id: str,
-        from_statuses: Iterable[StateStatus],
-        values: Mapping[str, Any],
-        *,
-        namespace: str | None = None,
-    ) -> StateRow | None:
-        """Compare-and-set: update the state only if its status is one of ``from_statuses``
-        (and, when given, it belongs to ``namespace``). Returns the updated state."""
-        allowed = [s.value for s in from_statuses]
-        condition = sa.and_(states.c.id == state_id, states.c.status.in_(allowed))
-        if namespace is not None:
-            condition = sa.and_(condition, states.c.namespace == namespace)
-        result = await self.connection.execute(
-            states.update().where(condition).values(**values).returning(*states.c)
+    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]:
+        """The states ``state_ids`` (those that exist), locked until the transaction ends.
+
+        On PostgreSQL the rows are locked in id order, so two transactions locking
+        overlapping sets never deadlock on them; on SQLite the write transaction
+        already excludes every other writer.
+        """
+        ids = sorted(set(state_ids))
+        if not ids:
+            return {}
+        query = sa.select(states).where(states.c.id.in_(ids)).order_by(states.c.id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        result = await self.connection.execute(query)
+        return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
+
+    async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
+        """Write the mutable columns of several locked states in one statement.
+
+        Each change holds ``id``, ``namespace`` and every column of
+        :data:`MUTABLE_STATE_COLUMNS`.
+        """
+        if not changes:
+            return
+        await self.connection.execute(
+            _UPDATE_STATE, [{f"b_{k}": change[k] for k in _UPDATE_KEYS} for change in changes]
         )
-        row = result.mappings().first()
-        if row is None:
-            return None
-        state = StateRow.from_row(row)
-        if state.status == StateStatus.CREATED.value:
-            self.work_namespaces.add(state.namespace)
-        return state
+        self._note_work(changes)
+
+    async def insert_states_unless_exist(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Insert states, skipping any a unique key (retry key, fingerprint) already holds.
+
+        Returns the ids of the rows inserted.
+        """
+        if not rows:
+            return set()
+        statement = self._insert(states).on_conflict_do_nothing().returning(states.c.id)
+        result = await self.connection.execute(statement, [dict(r) for r in rows])
+        inserted = {row[0] for row in result}
+        self._note_work(r for r in rows if r["id"] in inserted)
+        return inserted
+
+    async def state_exists(
+        self, run_id: str, identifier: str, retry_count: int, fanout_id: str
+    ) -> bool:
+        """Whether the retry key (run, identifier, retry count, fan-out id) is taken."""
+        value = await self.connection.scalar(
+            sa.select(states.c.id).where(
+                states.c.run_id == run_id,
+                states.c.identifier == identifier,
+                states.c.retry_count == retry_count,
+                states.c.fanout_id == fanout_id,
+            )
+        )
+        return value is not None
 
     async def claim(
         self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
@@ -468,12 +533,12 @@ class Tx:
 
     # -- fan-in groups ------------------------------------------------------------
 
-    async def create_group(self, group_id: str, run_id: str, identifier: str, pending: int) -> None:
-        await self.connection.execute(
-            fanin_groups.insert().values(
-                group_id=group_id, run_id=run_id, identifier=identifier, pending=pending, failed=0
+    async def create_groups(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Open fan-in groups (``group_id``, ``run_id``, ``identifier``), counters at zero."""
+        if rows:
+            await self.connection.execute(
+                fanin_groups.insert(), [{**row, "pending": 0, "failed": 0} for row in rows]
             )
-        )
 
     async def adjust_group(
         self, group_id: str, pending: int, failed: int

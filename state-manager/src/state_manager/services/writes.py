@@ -1,0 +1,494 @@
+"""Applying a batch of operations in one transaction, with a few statements per batch.
+
+The committer hands :func:`run_batch` every operation queued at one moment. They take
+effect as if applied one after the other in this order: changes to existing states
+(reports, signals, heartbeats, manual retries, expired leases), then new runs, then
+claims, so a claim already sees the states that the reports of its batch created. Each
+operation gets its own outcome: a value, or the domain error a client would get had it
+been alone. A refused operation writes nothing, so refusals never undo the others.
+
+Statements per batch, whatever its size: lock the target states, look up the graphs,
+stores and ancestor outputs they need, update the states, insert the new states, runs
+and store entries, open fan-in groups and adjust each touched group once, and one claim
+statement per claim operation.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from state_manager.domain import retry as retry_rules
+from state_manager.domain import templating
+from state_manager.domain.ids import is_object_id
+from state_manager.domain.models import StateStatus, ValidationStatus
+from state_manager.domain.transitions import ALREADY_RETRIED, refusal
+from state_manager.errors import Conflict, InvalidRequest, NotFound, StateManagerError
+from state_manager.services.context import CompiledGraph, Context, retry_transient
+from state_manager.services.ops import (
+    Claim,
+    Errored,
+    ErroredResult,
+    Executed,
+    Heartbeat,
+    LeaseExpired,
+    ManualRetry,
+    Op,
+    Pruned,
+    Requeued,
+    StateOp,
+    Trigger,
+)
+from state_manager.services.progress import (
+    GroupLedger,
+    Resolver,
+    derived_row,
+    settle_groups,
+    state_row,
+    successor_rows,
+)
+from state_manager.store.queries import MUTABLE_STATE_COLUMNS, StateRow, TemplateRow, Tx
+
+logger = logging.getLogger(__name__)
+
+# Policies without max_delay can ask for astronomically long waits; a year is the most we keep.
+MAX_RETRY_DELAY_MS = 365 * 24 * 3_600_000
+
+
+@retry_transient
+async def run_batch(ctx: Context, ops: Sequence[Op[Any]]) -> list[Any]:
+    """Apply ``ops`` in one transaction and return their outcomes once it has committed."""
+    batch = _Batch(ctx, ctx.clock())
+    async with ctx.db.write() as tx:
+        outcomes = await batch.apply(tx, ops)
+    for effect in batch.after_commit:
+        effect()
+    return outcomes
+
+
+async def start_run(ctx: Context, tx: Tx, op: Trigger) -> str:
+    """Start one run inside the caller's transaction (cron); raises before writing anything
+    when the run cannot start."""
+    batch = _Batch(ctx, ctx.clock())
+    template = await tx.get_template(op.namespace, op.graph_name)
+    run_id = await batch.plan_run(tx, op, template)
+    await batch.write(tx)
+    return run_id
+
+
+def _change(state: StateRow, **values: Any) -> dict[str, Any]:
+    """The mutable columns of ``state`` with ``values`` applied, ready for ``update_states``."""
+    change = {column: getattr(state, column) for column in MUTABLE_STATE_COLUMNS}
+    change.update(values, id=state.id, namespace=state.namespace)
+    return change
+
+
+@dataclass
+class _Accepted:
+    """A state operation that passed its checks, with the state it applies to."""
+
+    index: int
+    op: StateOp[Any]
+    state: StateRow
+
+
+@dataclass
+class _Batch:
+    """What one batch will write, gathered before any of it is written."""
+
+    ctx: Context
+    now: int
+    graphs: dict[str, CompiledGraph] = field(default_factory=dict)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    inserts: list[dict[str, Any]] = field(default_factory=list)
+    # New states that a unique key may already hold, each with what to do once it is known.
+    optional: list[tuple[dict[str, Any], Callable[[bool], None]]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    stores: list[dict[str, Any]] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    opened: set[str] = field(default_factory=set)
+    ledger: GroupLedger = field(default_factory=GroupLedger)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    async def apply(self, tx: Tx, ops: Sequence[Op[Any]]) -> list[Any]:
+        outcomes: list[Any] = [None] * len(ops)
+        state_ops = [(i, op) for i, op in enumerate(ops) if isinstance(op, StateOp)]
+        if state_ops:
+            await self._change_states(tx, state_ops, outcomes)
+        triggers = [(i, op) for i, op in enumerate(ops) if isinstance(op, Trigger)]
+        if triggers:
+            await self._start_runs(tx, triggers, outcomes)
+        await self.write(tx)
+        for index, op in enumerate(ops):
+            if isinstance(op, Claim):
+                outcomes[index] = await self._claim(tx, op)
+        return outcomes
+
+    async def write(self, tx: Tx) -> None:
+        """Write everything gathered, then settle the fan-in groups it touched."""
+        if self.optional:
+            inserted = await tx.insert_states_unless_exist([row for row, _ in self.optional])
+            for row, then in self.optional:
+                then(row["id"] in inserted)
+        await tx.update_states(self.updates)
+        await tx.insert_runs(self.runs, self.stores)
+        await tx.insert_states(self.inserts)
+        await tx.create_groups(self.groups)
+        await settle_groups(tx, self.graphs, self.ledger, self.now, opened=self.opened)
+
+    # -- changes to existing states ---------------------------------------------------
+
+    async def _change_states(
+        self, tx: Tx, items: list[tuple[int, StateOp[Any]]], outcomes: list[Any]
+    ) -> None:
+        ids = [op.state_id.lower() for _, op in items if is_object_id(op.state_id)]
+        found = await tx.lock_states(ids)
+        accepted: list[_Accepted] = []
+        for index, op in items:
+            state = found.get(op.state_id.lower()) if is_object_id(op.state_id) else None
+            if state is None or op.namespace not in (None, state.namespace):
+                outcomes[index] = False if isinstance(op, LeaseExpired) else _not_found()
+                continue
+            problem = refusal(op.change, StateStatus(state.status))
+            if isinstance(op, LeaseExpired):
+                lease = state.lease_expires_at
+                if problem is not None or lease is None or lease >= self.now:
+                    outcomes[index] = False  # reported, re-enqueued or extended meanwhile
+                    continue
+            elif problem is not None:
+                outcomes[index] = InvalidRequest(problem)
+                continue
+            accepted.append(_Accepted(index, op, state))
+        if not accepted:
+            return
+        self.graphs.update(await self.ctx.graphs.for_runs(tx, {a.state.run_id for a in accepted}))
+        executed = [a for a in accepted if isinstance(a.op, Executed)]
+        if executed:
+            await self._executed(tx, executed, outcomes)
+        for item in accepted:
+            op, state = item.op, item.state
+            if isinstance(op, Errored):
+                outcomes[item.index] = self._fail(state, op.error)
+                self._count_report(state, "errored")
+            elif isinstance(op, LeaseExpired):
+                seconds = self.ctx.settings.lease_seconds
+                self._fail(state, f"Lease expired: no report within {seconds} s")
+                outcomes[item.index] = True
+                self.after_commit.append(functools.partial(self._lease_expired, state))
+            elif isinstance(op, Pruned):
+                outcomes[item.index] = self._prune(state, op.data)
+            elif isinstance(op, Requeued):
+                outcomes[item.index] = self._requeue(state, op.delay_ms)
+            elif isinstance(op, Heartbeat):
+                until = self.now + self.ctx.settings.lease_seconds * 1000
+                self.updates.append(_change(state, lease_expires_at=until))
+                outcomes[item.index] = until
+            elif isinstance(op, ManualRetry):
+                await self._manual_retry(tx, item, op, outcomes)
+
+    async def _executed(self, tx: Tx, items: list[_Accepted], outcomes: list[Any]) -> None:
+        """Record outputs, create fan-out siblings and every successor with its inputs."""
+        resolver = Resolver(tx)
+        wants = []
+        for item in items:
+            graph = self.graphs[item.state.run_id]
+            node = graph.node(item.state.identifier)
+            templates = [
+                template
+                for successor in node.successors()
+                for template in graph.parsed_inputs[successor].values()
+            ]
+            wants.append((item.state.run_id, templates, item.state.parents))
+        await resolver.preload(wants)
+        for item in items:
+            assert isinstance(item.op, Executed)
+            state, outputs = item.state, item.op.outputs
+            graph = self.graphs[state.run_id]
+            members = _members(state, outputs, graph, self.now)
+            status, error = StateStatus.SUCCESS, None
+            try:
+                children = [
+                    row for m in members for row in successor_rows(graph, resolver, m, self.now)
+                ]
+            except templating.TemplateError as exc:
+                status = StateStatus.NEXT_CREATED_ERROR
+                error = f"Could not create next states: {exc}"
+                children = []
+            for member in members[1:]:
+                member["status"] = status.value
+                member["error"] = error
+            self.updates.append(
+                _change(
+                    state,
+                    status=status.value,
+                    outputs=outputs[0] if outputs else {},
+                    error=error,
+                    lease_expires_at=None,
+                    updated_at=self.now,
+                )
+            )
+            self.inserts += members[1:]
+            self.inserts += children
+            self.ledger.add(state.groups, StateStatus.QUEUED, status)
+            for _sibling in members[1:]:
+                self.ledger.add(state.groups, None, status)
+            if state.identifier in graph.uniting_by_target and status is StateStatus.SUCCESS:
+                self.groups.append(
+                    {"group_id": state.id, "run_id": state.run_id, "identifier": state.identifier}
+                )
+                self.ledger.open(state.id, depth=len(state.groups))
+                self.opened.add(state.id)
+            for child in children:
+                self.ledger.add(child["groups"], None, StateStatus.CREATED)
+            outcomes[item.index] = None
+            self._count_report(state, "executed")
+
+    def _fail(self, state: StateRow, error: str) -> ErroredResult:
+        """End an attempt in failure; create a delayed retry while the policy allows one."""
+        graph = self.graphs[state.run_id]
+        policy = graph.spec.retry_policy
+        retry_created = False
+        if state.retry_count < policy.max_retries:
+            attempt = state.retry_count + 1
+            delay = min(retry_rules.delay_ms(policy, attempt), MAX_RETRY_DELAY_MS)
+            retry = derived_row(
+                state,
+                graph,
+                now=self.now,
+                enqueue_after=self.now + delay,
+                retry_count=attempt,
+                fanout_id=state.fanout_id,
+            )
+
+            def inserted(new: bool, retry: dict[str, Any] = retry) -> None:
+                if new:
+                    self.ledger.add(retry["groups"], None, StateStatus.CREATED)
+                    metric = self.ctx.metrics.retries.labels(state.namespace, state.node_name)
+                    self.after_commit.append(metric.inc)
+
+            self.optional.append((retry, inserted))
+            retry_created = True  # inserted now, or already there from an earlier report
+        status = StateStatus.RETRY_CREATED if retry_created else StateStatus.ERRORED
+        self.updates.append(
+            _change(
+                state, status=status.value, error=error, lease_expires_at=None, updated_at=self.now
+            )
+        )
+        self.ledger.add(state.groups, StateStatus.QUEUED, status)
+        return ErroredResult(status=status, retry_created=retry_created)
+
+    def _prune(self, state: StateRow, data: dict[str, Any]) -> int:
+        self.updates.append(
+            _change(
+                state,
+                status=StateStatus.PRUNED.value,
+                data=data,
+                lease_expires_at=None,
+                updated_at=self.now,
+            )
+        )
+        self.ledger.add(state.groups, StateStatus.QUEUED, StateStatus.PRUNED)
+        self._count_report(state, "pruned")
+        return state.enqueue_after
+
+    def _requeue(self, state: StateRow, delay_ms: int) -> int:
+        enqueue_at = self.now + delay_ms
+        self.updates.append(
+            _change(
+                state,
+                status=StateStatus.CREATED.value,
+                enqueue_after=enqueue_at,
+                lease_expires_at=None,
+                claimed_at=None,
+                updated_at=self.now,
+            )
+        )
+        metric = self.ctx.metrics.reports.labels(state.namespace, state.node_name, "requeued")
+        self.after_commit.append(metric.inc)
+        return enqueue_at
+
+    async def _manual_retry(
+        self, tx: Tx, item: _Accepted, op: ManualRetry, outcomes: list[Any]
+    ) -> None:
+        state = item.state
+        before = StateStatus(state.status)
+        retry = derived_row(
+            state,
+            self.graphs[state.run_id],
+            now=self.now,
+            fanout_id=op.fanout_id,
+            manual_retry_fanout_id=op.fanout_id,
+        )
+        if await tx.state_exists(state.run_id, state.identifier, 0, op.fanout_id):
+            outcomes[item.index] = Conflict("Duplicate retry state detected")
+            return
+        if before is StateStatus.RETRY_CREATED:
+            outcomes[item.index] = InvalidRequest(ALREADY_RETRIED)
+            return
+
+        def inserted(new: bool) -> None:
+            if not new:  # another server inserted it meanwhile
+                outcomes[item.index] = Conflict("Duplicate retry state detected")
+                return
+            self.updates.append(
+                _change(state, status=StateStatus.RETRY_CREATED.value, updated_at=self.now)
+            )
+            self.ledger.add(retry["groups"], None, StateStatus.CREATED)
+            self.ledger.add(state.groups, before, StateStatus.RETRY_CREATED)
+            outcomes[item.index] = str(retry["id"])
+
+        self.optional.append((retry, inserted))
+
+    def _count_report(self, state: StateRow, kind: str) -> None:
+        metrics = self.ctx.metrics
+        counter = metrics.reports.labels(state.namespace, state.node_name, kind)
+        self.after_commit.append(counter.inc)
+        if state.claimed_at is not None:
+            seconds = (self.now - state.claimed_at) / 1000
+            histogram = metrics.transition_seconds.labels(state.namespace, state.node_name)
+            self.after_commit.append(lambda: histogram.observe(seconds))
+
+    def _lease_expired(self, state: StateRow) -> None:
+        self.ctx.metrics.lease_expiries.labels(state.namespace, state.node_name).inc()
+        logger.warning(
+            "lease expired",
+            extra={"state_id": state.id, "namespace": state.namespace, "node": state.node_name},
+        )
+
+    # -- new runs -------------------------------------------------------------------------
+
+    async def _start_runs(
+        self, tx: Tx, items: list[tuple[int, Trigger]], outcomes: list[Any]
+    ) -> None:
+        templates: dict[tuple[str, str], TemplateRow | None] = {}
+        for _, op in items:
+            key = (op.namespace, op.graph_name)
+            if key not in templates:
+                templates[key] = await tx.get_template(*key)
+        for index, op in items:
+            try:
+                outcomes[index] = await self.plan_run(
+                    tx, op, templates[(op.namespace, op.graph_name)]
+                )
+            except StateManagerError as exc:
+                outcomes[index] = exc
+                continue
+            metric = self.ctx.metrics.runs_triggered.labels(op.namespace, op.graph_name, op.source)
+            self.after_commit.append(metric.inc)
+
+    async def plan_run(self, tx: Tx, op: Trigger, template: TemplateRow | None) -> str:
+        """Gather the run record, its store and its root state; raise if it cannot start."""
+        if template is None:
+            raise NotFound(f"Graph template {op.graph_name} not found in namespace {op.namespace}")
+        if template.validation_status != ValidationStatus.VALID or template.version_id is None:
+            raise InvalidRequest("Graph template is not valid")
+        graph = await self.ctx.graphs.for_version(tx, template.version_id)
+        inputs = root_inputs(graph, op.store, op.inputs)
+        run_id = new_run_id()
+        self.runs.append(
+            {
+                "run_id": run_id,
+                "namespace": op.namespace,
+                "graph_name": op.graph_name,
+                "version_id": template.version_id,
+                "created_at": self.now,
+            }
+        )
+        self.stores += [{"run_id": run_id, "key": k, "value": v} for k, v in op.store.items()]
+        self.inserts.append(
+            state_row(
+                namespace=op.namespace,
+                graph_name=op.graph_name,
+                run_id=run_id,
+                node=graph.root,
+                inputs=inputs,
+                parents={},
+                groups={},
+                now=self.now,
+                enqueue_after=self.now + op.start_delay,
+            )
+        )
+        self.ctx.graphs.remember_runs({run_id: template.version_id})
+        return run_id
+
+    # -- claims -----------------------------------------------------------------------------
+
+    async def _claim(self, tx: Tx, op: Claim) -> list[StateRow]:
+        limit = min(op.limit, self.ctx.settings.max_batch_size)
+        if limit <= 0 or not op.node_names:
+            return []
+        lease_until = self.now + self.ctx.settings.lease_seconds * 1000
+        claimed = await tx.claim(op.namespace, op.node_names, limit, self.now, lease_until)
+        metrics = self.ctx.metrics.states_claimed
+        for state in claimed:
+            self.after_commit.append(metrics.labels(state.namespace, state.node_name).inc)
+        return claimed
+
+
+def _not_found() -> NotFound:
+    return NotFound("State not found")
+
+
+def _members(
+    state: StateRow, outputs: list[dict[str, Any]], graph: CompiledGraph, now: int
+) -> list[dict[str, Any]]:
+    """Rows for the executed state (first) and one sibling per extra output."""
+    first = {
+        "id": state.id,
+        "namespace": state.namespace,
+        "graph_name": state.graph_name,
+        "run_id": state.run_id,
+        "identifier": state.identifier,
+        "parents": state.parents,
+        "groups": state.groups,
+        "group_id": state.id,
+        "outputs": outputs[0] if outputs else {},
+    }
+    siblings = [
+        derived_row(
+            state, graph, now=now, status=StateStatus.EXECUTED, outputs=extra, group_id=state.id
+        )
+        for extra in outputs[1:]
+    ]
+    for sibling in siblings:
+        sibling["claimed_at"] = state.claimed_at
+    return [first, *siblings]
+
+
+def root_inputs(
+    graph: CompiledGraph, store: dict[str, str], inputs: dict[str, str]
+) -> dict[str, str]:
+    """The root state's inputs: given values as literal text, the rest rendered from the
+    store and its defaults. Raises :class:`InvalidRequest` for missing keys."""
+    missing = [key for key in graph.spec.store_config.required_keys if key not in store]
+    if missing:
+        raise InvalidRequest(f"Missing store keys: {', '.join(missing)}")
+    defaults = graph.spec.store_config.default_values
+
+    def resolve(ref: templating.Placeholder) -> object:
+        if isinstance(ref, templating.StoreRef):
+            if ref.key in store:
+                return store[ref.key]
+            if ref.key in defaults:
+                return defaults[ref.key]
+            raise templating.TemplateError(f"store key '{ref.key}' has no value")
+        raise templating.TemplateError(f"the root node cannot use '{ref}'")
+
+    rendered: dict[str, str] = {}
+    try:
+        for name, template_input in graph.parsed_inputs[graph.root.identifier].items():
+            # Values given at trigger time are literal text, not templates.
+            rendered[name] = (
+                inputs[name] if name in inputs else templating.render(template_input, resolve)
+            )
+    except templating.TemplateError as exc:
+        raise InvalidRequest(f"Invalid input: {exc}") from None
+    return rendered
+
+
+def new_run_id() -> str:
+    return str(uuid.uuid4())
