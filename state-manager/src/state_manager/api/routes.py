@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, status
+from pydantic import BaseModel
 
 from state_manager.api import schemas
+from state_manager.api.middleware import INTERNAL_ERROR
 from state_manager.domain.models import NAME_MAX_LENGTH, GraphSpec, StateStatus
-from state_manager.errors import InvalidRequest
+from state_manager.errors import InvalidRequest, StateManagerError
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context, iso
+from state_manager.services.ops import Errored, Executed, Heartbeat, Pruned, Requeued, StateOp
 from state_manager.store.queries import StateRow, TemplateRow
 
 
-def get_context(request: Request) -> Context:
+async def get_context(request: Request) -> Context:
     context: Context = request.app.state.context
     return context
 
+
+logger = logging.getLogger(__name__)
 
 ContextDep = Annotated[Context, Depends(get_context)]
 # Path names are bounded like body names: they are stored in indexed columns.
@@ -156,18 +162,92 @@ async def enqueue_states(
         caller_gone=request.is_disconnected,
     )
     return schemas.EnqueueResponse(
-        count=len(claimed),
+        count=len(claimed), namespace=namespace_name, states=_enqueued(claimed)
+    )
+
+
+def _enqueued(claimed: list[StateRow]) -> list[schemas.EnqueuedState]:
+    return [
+        schemas.EnqueuedState(
+            state_id=s.id,
+            node_name=s.node_name,
+            identifier=s.identifier,
+            inputs=s.inputs,
+            created_at=iso(s.created_at),
+        )
+        for s in claimed
+    ]
+
+
+@ns.post("/states/exchange", tags=["states"])
+async def exchange_states(
+    namespace_name: Namespace, body: schemas.ExchangeRequest, ctx: ContextDep, request: Request
+) -> schemas.ExchangeResponse:
+    """Extension: several reports and a claim in one request and one transaction.
+
+    Each report gets the status and body its own route would have answered; the claim
+    already sees the states those reports created.
+    """
+    if len(body.reports) > ctx.settings.max_batch_size:
+        raise InvalidRequest(
+            f"{len(body.reports)} reports exceed the limit of {ctx.settings.max_batch_size}"
+        )
+    seen: set[str] = set()
+    for report in body.reports:
+        if report.state_id.lower() in seen:
+            raise InvalidRequest(f"State {report.state_id} is reported more than once")
+        seen.add(report.state_id.lower())
+    claim = body.claim
+    outcomes, claimed = await states.exchange(
+        ctx,
+        namespace_name,
+        [_report_op(namespace_name, report) for report in body.reports],
+        states.ClaimRequest(claim.nodes, claim.batch_size, claim.wait_ms) if claim else None,
+        caller_gone=request.is_disconnected,
+    )
+    return schemas.ExchangeResponse(
         namespace=namespace_name,
-        states=[
-            schemas.EnqueuedState(
-                state_id=s.id,
-                node_name=s.node_name,
-                identifier=s.identifier,
-                inputs=s.inputs,
-                created_at=iso(s.created_at),
-            )
-            for s in claimed
-        ],
+        results=[_report_result(r, o) for r, o in zip(body.reports, outcomes, strict=True)],
+        states=_enqueued(claimed),
+    )
+
+
+def _report_op(namespace: str, report: schemas.Report) -> StateOp[Any]:
+    if isinstance(report, schemas.ExecutedReport):
+        return Executed(namespace, report.state_id, report.outputs)
+    if isinstance(report, schemas.ErroredReport):
+        return Errored(namespace, report.state_id, report.error)
+    if isinstance(report, schemas.PruneReport):
+        return Pruned(namespace, report.state_id, report.data)
+    if isinstance(report, schemas.ReEnqueueAfterReport):
+        return Requeued(namespace, report.state_id, report.enqueue_after)
+    return Heartbeat(namespace, report.state_id)
+
+
+def _report_result(report: schemas.Report, outcome: Any) -> schemas.ReportResult:
+    """The answer the report's own route would have given."""
+    if isinstance(outcome, StateManagerError):
+        return schemas.ReportResult(
+            state_id=report.state_id, status_code=outcome.status_code, detail=outcome.detail
+        )
+    if isinstance(outcome, BaseException):
+        logger.error("report of state %s failed", report.state_id, exc_info=outcome)
+        return schemas.ReportResult(
+            state_id=report.state_id, status_code=500, detail=INTERNAL_ERROR
+        )
+    answer: BaseModel
+    if isinstance(report, schemas.ExecutedReport):
+        answer = schemas.ExecutedResponse()
+    elif isinstance(report, schemas.ErroredReport):
+        answer = schemas.ErroredResponse(status=outcome.status, retry_created=outcome.retry_created)
+    elif isinstance(report, schemas.PruneReport):
+        answer = schemas.PruneResponse(enqueue_after=outcome)
+    elif isinstance(report, schemas.ReEnqueueAfterReport):
+        answer = schemas.ReEnqueueAfterResponse(enqueue_after=outcome)
+    else:
+        answer = schemas.HeartbeatResponse(lease_expires_at=outcome)
+    return schemas.ReportResult(
+        state_id=report.state_id, status_code=200, body=answer.model_dump(mode="json")
     )
 
 

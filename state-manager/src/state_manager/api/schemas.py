@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -267,3 +267,61 @@ class HeartbeatResponse(BaseModel):
 
 class SecretsResponse(BaseModel):
     secrets: dict[str, str]
+
+
+# -- exchange (extension: several reports and a claim in one request) --------------------
+
+
+class _Report(Body):
+    state_id: str = Field(max_length=64)
+
+
+class ExecutedReport(_Report, ExecutedRequest):
+    kind: Literal["executed"]
+
+
+class ErroredReport(_Report, ErroredRequest):
+    kind: Literal["errored"]
+
+
+class PruneReport(_Report, PruneRequest):
+    kind: Literal["prune"]
+
+
+class ReEnqueueAfterReport(_Report, ReEnqueueAfterRequest):
+    kind: Literal["re-enqueue-after"]
+
+
+class HeartbeatReport(_Report):
+    kind: Literal["heartbeat"]
+
+
+Report = Annotated[
+    ExecutedReport | ErroredReport | PruneReport | ReEnqueueAfterReport | HeartbeatReport,
+    Field(discriminator="kind"),
+]
+
+
+class ExchangeRequest(Body):
+    """Reports of several states (each as its v0 route's body plus ``state_id`` and
+    ``kind``, the route's last path segment) and an optional claim, applied in one
+    transaction: the claim already sees the states the reports created."""
+
+    reports: list[Report] = Field(default_factory=list)
+    claim: EnqueueRequest | None = None
+
+
+class ReportResult(BaseModel):
+    """What the report's own v0 route would have answered: ``status_code`` and the body
+    (``body`` when 200, ``detail`` otherwise)."""
+
+    state_id: str
+    status_code: int
+    body: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+class ExchangeResponse(BaseModel):
+    namespace: str
+    results: list[ReportResult]
+    states: list[EnqueuedState]

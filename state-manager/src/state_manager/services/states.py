@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from state_manager.domain.ids import is_object_id
@@ -26,8 +27,10 @@ from state_manager.services.ops import (
     Heartbeat,
     LeaseExpired,
     ManualRetry,
+    Op,
     Pruned,
     Requeued,
+    StateOp,
 )
 from state_manager.store.queries import StateRow, Tx
 
@@ -87,6 +90,55 @@ async def enqueue(
             ctx.notifier.discard(namespace, waiter)
 
 
+async def exchange(
+    ctx: Context,
+    namespace: str,
+    reports: Sequence[StateOp[Any]],
+    claim: ClaimRequest | None = None,
+    caller_gone: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[list[Any], list[StateRow]]:
+    """Apply several reports and claim in one transaction.
+
+    Returns each report's outcome (a value, or the error refusing it) and the claimed
+    states. When the claim finds nothing and ``claim.wait_ms`` allows, it then waits
+    like :func:`enqueue` (the reports are committed before the wait).
+    """
+    outcomes: list[Any] = [None] * len(reports)
+    ops: list[Op[Any]] = []
+    positions: list[int] = []
+    for position, report in enumerate(reports):
+        if isinstance(report, Executed) and len(report.outputs) > ctx.settings.max_fanout:
+            outcomes[position] = _too_many_outputs(ctx, report.outputs)
+            continue
+        ops.append(report)
+        positions.append(position)
+    wanted = claim is not None and claim.batch_size > 0 and bool(claim.nodes)
+    if claim is not None and wanted:
+        limit = min(claim.batch_size, ctx.settings.max_batch_size)
+        ops.append(Claim(namespace, tuple(claim.nodes), limit))
+    applied = await ctx.committer.submit_all(ops) if ops else []
+    claimed: list[StateRow] = []
+    if wanted:
+        last = applied.pop()
+        if isinstance(last, BaseException):
+            raise last
+        claimed = last
+    for position, outcome in zip(positions, applied, strict=True):
+        outcomes[position] = outcome
+    if claim is not None and wanted and not claimed and claim.wait_ms > 0:
+        claimed = await enqueue(
+            ctx, namespace, claim.nodes, claim.batch_size, claim.wait_ms, caller_gone
+        )
+    return outcomes, claimed
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    nodes: list[str]
+    batch_size: int
+    wait_ms: int = 0
+
+
 # -- reports ----------------------------------------------------------------------
 
 
@@ -101,9 +153,12 @@ async def executed(
 def check_fanout(ctx: Context, outputs: list[dict[str, Any]]) -> None:
     """Refuse more outputs than the fan-out limit allows (413)."""
     if len(outputs) > ctx.settings.max_fanout:
-        raise PayloadTooLarge(
-            f"{len(outputs)} outputs exceed the fan-out limit of {ctx.settings.max_fanout}"
-        )
+        raise _too_many_outputs(ctx, outputs)
+
+
+def _too_many_outputs(ctx: Context, outputs: list[dict[str, Any]]) -> PayloadTooLarge:
+    limit = ctx.settings.max_fanout
+    return PayloadTooLarge(f"{len(outputs)} outputs exceed the fan-out limit of {limit}")
 
 
 async def errored(ctx: Context, namespace: str, state_id: str, error: str) -> ErroredResult:
