@@ -86,6 +86,8 @@ class FakeStateManager:
     secrets: dict[str, str] = field(default_factory=dict)
     heartbeat_route: bool = True
     long_poll: bool = True
+    # Offer states/exchange (reports sent together with a claim); off like the original.
+    exchange: bool = False
     on_executed: Callable[[FakeState, list[dict[str, Any]]], None] | None = None
     lease_seconds: float = 3600.0
     chaos: float = 0.0  # probability that any request meets a random fault
@@ -190,6 +192,8 @@ class FakeStateManager:
             return 200, {"runtime_name": body["runtime_name"], "registered_nodes": body["nodes"]}
         if method == "POST" and rest == "states/enqueue":
             return 200, await self._enqueue(body)
+        if method == "POST" and rest == "states/exchange" and self.exchange:
+            return 200, await self._exchange(body)
         match = re.fullmatch(r"state/([^/]+)/([a-z-]+)", rest)
         if match:
             return self._state_route(method, match.group(1), match.group(2), body)
@@ -258,6 +262,32 @@ class FakeStateManager:
                 for state in claimed
             ],
         }
+
+    async def _exchange(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Each report as its own route would answer it (a ``status`` fault on that route's
+        path applies to the report), then the claim."""
+        results = []
+        for report in body["reports"]:
+            state_id, kind = report["state_id"], report["kind"]
+            path = f"/v0/namespace/{self.namespace}/state/{state_id}/{kind}"
+            status, payload = self._injected_status(path) or self._state_route(
+                "POST", state_id, kind, report
+            )
+            result = {"state_id": state_id, "status_code": status, "body": None, "detail": None}
+            result["body" if status == 200 else "detail"] = (
+                payload if status == 200 else payload["detail"]
+            )
+            results.append(result)
+        claim = body.get("claim")
+        states = (await self._enqueue(claim))["states"] if claim else []
+        return {"namespace": self.namespace, "results": results, "states": states}
+
+    def _injected_status(self, path: str) -> tuple[int, Any] | None:
+        for fault in self.faults:
+            if fault.kind == "status" and fault.matches("POST", path):
+                fault.hits += 1
+                return fault.status, {"detail": "injected failure"}
+        return None
 
     def _state_route(self, method: str, state_id: str, action: str, body: Any) -> tuple[int, Any]:
         state = self.states.get(state_id)

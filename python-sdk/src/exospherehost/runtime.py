@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from typing import Any
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status, response_body
-from ._reporting import Abandoned, Report, Reporter, RuntimeStats, describe_exc
+from ._reporting import Abandoned, ClaimOffer, Report, Reporter, RuntimeStats, describe_exc
 from .errors import ApiError, StateGoneError
 from .node import BaseNode, node_problems, normalize_outputs
 from .signals import PruneSignal, ReQueueAfterSignal
@@ -58,6 +59,7 @@ class _Claim:
     node_name: str
     inputs: dict[str, Any]
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
+    executing: bool = True  # holds a worker slot until its outcome is known
 
     def settled(self) -> None:
         """The state's report is settled: the claim needs no more heartbeats."""
@@ -141,6 +143,8 @@ class Runtime:
         self._api: ApiClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: dict[asyncio.Task[None], _Claim] = {}
+        self._reserved = 0  # slots held by claim requests in flight
+        self._executing = 0  # slots held by claimed states whose outcome is not known yet
         self._inflight_claim: asyncio.Future[list[Any]] | None = None
         self._reporter: Reporter | None = None
 
@@ -280,7 +284,9 @@ class Runtime:
             max_connections=self._workers * 2 + 4,
             transport=self._transport,
         )
-        self._reporter = Reporter(self._api, self._backoff, self.stats, self._slot_freed.set)
+        self._reporter = Reporter(
+            self._api, self._backoff, self.stats, self._slot_freed.set, claims=self._offer_claim
+        )
         try:
             registered = await self._register()
             if registered:
@@ -373,6 +379,34 @@ class Runtime:
                 return False
             attempt += 1
 
+    def _free_slots(self) -> int:
+        """Workers neither running a node nor reserved by a claim request in flight."""
+        return self._workers - self._executing - self._reserved
+
+    def _offer_claim(self) -> ClaimOffer | None:
+        """A claim for the free slots, sent along with reports (see :class:`Reporter`)."""
+        free = self._free_slots()
+        if self._stop_requested or free <= 0:
+            return None
+        size = min(self._batch_size, free)
+        self._reserved += size
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._reserved -= size
+                if self._slot_freed is not None:
+                    self._slot_freed.set()
+
+        def deliver(states: list[Any]) -> None:
+            release()
+            for raw in states:
+                self._launch(raw)
+
+        return ClaimOffer(list(self._nodes), size, deliver, release)
+
     async def _claim_loop(self, *, until_idle: bool, idle_timeout: float) -> None:
         loop = asyncio.get_running_loop()
         assert self._stop_event is not None and self._slot_freed is not None
@@ -380,19 +414,23 @@ class Runtime:
         failures = 0
         idle_since: float | None = None
         while not self._stop_event.is_set():
-            free = self._workers - len(self._running)
-            if free <= 0:
-                self._slot_freed.clear()
+            self._slot_freed.clear()
+            free = self._free_slots()
+            if free <= 0 or self._require_reporter().will_claim:
+                # No room, or reports about to be sent will claim for the free slots.
                 await self._first_of(self._slot_freed.wait())
                 continue
             wait_ms = self._wait_ms
             if until_idle:
                 wait_ms = min(wait_ms, max(0, int(idle_timeout * 1000)))
-            body: dict[str, Any] = {"nodes": names, "batch_size": min(self._batch_size, free)}
+            size = min(self._batch_size, free)
+            body: dict[str, Any] = {"nodes": names, "batch_size": size}
             if wait_ms > 0:
                 body["wait_ms"] = wait_ms
             started = loop.time()
+            self._reserved += size
             poll = asyncio.ensure_future(self._claim(body, wait_ms))
+            poll.add_done_callback(functools.partial(self._release, size))
             # asyncio.wait() does not cancel ``poll`` when the stop wins the race.
             await self._first_of(asyncio.wait({poll}))
             if not poll.done():
@@ -443,6 +481,11 @@ class Runtime:
                 else:
                     await self._sleep_unless_stopped(pause)
 
+    def _release(self, size: int, _poll: object = None) -> None:
+        self._reserved -= size
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+
     async def _claim(self, body: dict[str, Any], wait_ms: int) -> list[Any]:
         api = self._require_api()
         response = await api.send(
@@ -476,10 +519,13 @@ class Runtime:
             claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
         task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
         self._running[task] = claim
+        self._executing += 1
         task.add_done_callback(self._on_node_done)
 
     def _on_node_done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
+        claim = self._running.pop(task, None)
+        if claim is not None:
+            self._free_slot(claim)
         if self._slot_freed is not None:
             self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover
@@ -501,6 +547,15 @@ class Runtime:
     def _report(self, claim: _Claim, kind: str, body: dict[str, Any]) -> None:
         report = Report(claim.state_id, claim.node_name, kind, body)
         self._require_reporter().submit(report, settled=claim.settled)
+        # The slot is free once the outcome is known: the report travels on its own.
+        self._free_slot(claim)
+
+    def _free_slot(self, claim: _Claim) -> None:
+        if claim.executing:
+            claim.executing = False
+            self._executing -= 1
+            if self._slot_freed is not None:
+                self._slot_freed.set()
 
     async def _execute(self, claim: _Claim) -> tuple[str, dict[str, Any]]:
         """Run the state's node; return the report to send as (kind, body)."""
