@@ -176,7 +176,7 @@ async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, An
     db = Database(database_url, pool_size=1)
     try:
         async with db.read() as tx:
-            result = await tx.connection.execute(
+            result = await tx._execute(
                 sa.select(fanin_groups).where(fanin_groups.c.run_id == run_id)
             )
             return [dict(row) for row in result.mappings()]

@@ -71,6 +71,3 @@ def configure(level: str, *, json_lines: bool) -> None:
         logging.getLogger(name).propagate = True
     # The access middleware logs each request once, with its id; uvicorn's own line is redundant.
     logging.getLogger("uvicorn.access").disabled = True
-    # aiosqlite's debug lines (two per database call) come from its worker thread, so they
-    # cannot carry the request id, and they repeat every query's parameters: keep them out.
-    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))

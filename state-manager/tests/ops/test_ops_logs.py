@@ -264,7 +264,6 @@ def test_development_logs_are_text_lines_with_the_request_id(
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     access_disabled = logging.getLogger("uvicorn.access").disabled
-    aiosqlite_level = logging.getLogger("aiosqlite").level
     try:
         logs.configure("INFO", json_lines=False)
         token = logs.request_id_var.set("5a0e3d6c-1111-4222-8333-944455556666")
@@ -283,7 +282,6 @@ def test_development_logs_are_text_lines_with_the_request_id(
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         logging.getLogger("uvicorn.access").disabled = access_disabled
-        logging.getLogger("aiosqlite").setLevel(aiosqlite_level)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) > 4, lines
     assert lines[0].endswith(

@@ -61,11 +61,11 @@ async def test_ready_follows_the_schema_version(
         # Roll the recorded schema back one version behind the running server's back.
         async with db.write() as tx:
             row = (
-                await tx.connection.execute(
+                await tx._execute(
                     sa.select(schema_migrations).where(schema_migrations.c.version == latest)
                 )
             ).one()
-            await tx.connection.execute(
+            await tx._execute(
                 schema_migrations.delete().where(schema_migrations.c.version == latest)
             )
         detail = await expect_not_ready(client)
@@ -74,7 +74,7 @@ async def test_ready_follows_the_schema_version(
         await expect_healthy(client)
         # Migrated again: ready again, without a restart.
         async with db.write() as tx:
-            await tx.connection.execute(schema_migrations.insert().values(**row._mapping))
+            await tx._execute(schema_migrations.insert().values(**row._mapping))
         await expect_ready(client)
     finally:
         await db.close()

@@ -45,8 +45,7 @@ def new_state(**overrides: Any) -> dict[str, Any]:
 
 
 async def test_migrations_create_the_declared_schema(db: Database) -> None:
-    async with db.engine.connect() as connection:
-        tables = await connection.run_sync(lambda sync: _schema(sa.inspect(sync)))
+    tables = await db.run_sync(lambda connection: _schema(sa.inspect(connection)))
     expected = {
         table.name: (
             {c.name for c in table.columns},
@@ -103,7 +102,7 @@ async def test_concurrent_claims_never_share_a_state(db: Database, backend: str)
     rows = [new_state() for _ in range(200)]
     async with db.write() as tx:
         await tx.insert_states(rows)
-    others = [Database(db.url.replace("+aiosqlite", "").replace("+asyncpg", "")) for _ in range(3)]
+    others = [Database(db.url.replace("+asyncpg", "")) for _ in range(3)]
 
     async def claimer(database: Database) -> list[str]:
         got: list[str] = []
@@ -132,7 +131,7 @@ async def test_locked_states_are_changed_one_locker_at_a_time(db: Database) -> N
     rows = [new_state(status=StateStatus.QUEUED.value) for _ in range(3)]
     async with db.write() as tx:
         await tx.insert_states(rows)
-    others = Database(db.url.replace("+aiosqlite", "").replace("+asyncpg", ""))
+    others = Database(db.url.replace("+asyncpg", ""))
     first_locked = asyncio.Event()
     release = asyncio.Event()
 

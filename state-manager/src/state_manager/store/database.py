@@ -1,17 +1,19 @@
 """Engine set-up, transactions and migrations for the SQL backends.
 
-Only what differs between SQLite and PostgreSQL lives here (connection set-up,
+Only what differs between SQLite and PostgreSQL lives here (drivers, connection set-up,
 write serialisation, change notification); every query is written once in
 :mod:`state_manager.store.queries`.
 
-* SQLite: WAL journal, ``synchronous=FULL`` (a committed report survives power
-  loss), ``busy_timeout`` for other processes on the same file, and every write
-  transaction opened with ``BEGIN IMMEDIATE`` so writers never deadlock on a
-  lock upgrade. Writers inside one process are serialised by an asyncio lock so
-  they queue in Python instead of in SQLite's sleep-and-retry busy handler.
-* PostgreSQL: READ COMMITTED; claims use ``FOR UPDATE SKIP LOCKED``; writers that
-  make work claimable send ``NOTIFY`` so long-polling workers on every replica
-  wake up.
+* SQLite runs in the server process, so its statements are executed directly on the
+  event loop with the standard library's driver (a statement on cached pages takes
+  microseconds; handing each one to a thread would cost more than running it). Only
+  what may wait goes to a thread: the ``COMMIT`` (its fsync) and taking the write lock
+  while another process holds it. WAL journal, ``synchronous=FULL`` (a committed report
+  survives power loss), and every write transaction opened with ``BEGIN IMMEDIATE`` on
+  one connection reserved for writing, so writers never deadlock on a lock upgrade.
+  Writers inside one process queue on an asyncio lock.
+* PostgreSQL: asyncpg, READ COMMITTED; claims use ``FOR UPDATE SKIP LOCKED``; writers
+  that make work claimable send ``NOTIFY`` so long-polling workers on every replica wake.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from state_manager.errors import DatabaseNotMigrated
 from state_manager.store.queries import Tx
@@ -41,6 +43,9 @@ NOTIFY_CHANNEL = "exosphere_work"
 # PostgreSQL aborts one of two transactions that deadlock (40P01) or cannot be
 # serialised (40001); running it again is the documented remedy.
 TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
+# How long a SQLite writer waits for another process to release the write lock.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_MIGRATION_LOCK = 734501
 
 
 def is_transient(error: DBAPIError) -> bool:
@@ -50,10 +55,11 @@ def is_transient(error: DBAPIError) -> bool:
     return code in TRANSIENT_SQLSTATES or "database is locked" in str(original)
 
 
-def async_url(url: str) -> str:
-    """Turn a user-facing ``sqlite:///`` or ``postgresql://`` URL into an async driver URL."""
-    if url.startswith("sqlite:///") or url.startswith("sqlite+aiosqlite:///"):
-        return "sqlite+aiosqlite:///" + url.split(":///", 1)[1]
+def driver_url(url: str) -> str:
+    """Turn a user-facing ``sqlite:///`` or ``postgresql://`` URL into the URL of our driver."""
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            return "sqlite:///" + url[len(prefix) :]
     for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url[len(prefix) :]
@@ -75,92 +81,154 @@ def _statements(sql: str) -> list[str]:
     return [part.strip() for part in "\n".join(lines).split(";") if part.strip()]
 
 
+def _is_busy(error: OperationalError) -> bool:
+    text = str(error.orig)
+    return "database is locked" in text or "database is busy" in text
+
+
 class Database:
     """One SQL database: engine, transactions, migrations, notifications."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
-        self.url = async_url(url)
+        self.url = driver_url(url)
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
-        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self.on_work: Callable[[str], None] | None = None
         self._listener: Any = None
+        self._write_lock = asyncio.Lock()
+        self._writer: Connection | None = None
+        self.engine: Engine | AsyncEngine
         if self.dialect == "sqlite":
             path = make_url(self.url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: AsyncEngine = create_async_engine(
-                self.url, pool_size=pool_size, max_overflow=0
+            # Connections are used from the loop's thread and, for COMMIT, a worker thread;
+            # never by two threads at once.
+            engine = sa.create_engine(
+                self.url,
+                pool_size=pool_size,
+                max_overflow=0,
+                connect_args={"check_same_thread": False},
             )
-            self._configure_sqlite()
+            _configure_sqlite(engine)
+            self.engine = engine
         else:
             self.engine = create_async_engine(
                 self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
 
-    def _configure_sqlite(self) -> None:
-        sync_engine = self.engine.sync_engine
-
-        @event.listens_for(sync_engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Take transaction control away from the driver so BEGIN is ours.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(sync_engine, "begin")
-        def _on_begin(connection: Any) -> None:
-            mode = connection.info.get("begin_mode", "")
-            connection.exec_driver_sql(f"BEGIN {mode}".strip())
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self, *, write: bool) -> AsyncIterator[Tx]:
-        async with self.engine.connect() as connection:
-            if self.dialect == "sqlite":
-                connection.info["begin_mode"] = "IMMEDIATE" if write else "DEFERRED"
-            async with connection.begin():
-                tx = Tx(connection, self.dialect)
-                yield tx
-                if write and tx.work_namespaces and self.dialect == "postgresql":
-                    for namespace in sorted(tx.work_namespaces):
-                        await connection.execute(
-                            sa.text("SELECT pg_notify(:channel, :payload)"),
-                            {"channel": NOTIFY_CHANNEL, "payload": namespace},
-                        )
-        if write and tx.work_namespaces and self.on_work is not None:
-            for namespace in tx.work_namespaces:
-                self.on_work(namespace)
+    # -- transactions -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
         """A read-write transaction; committed when the block exits without error."""
-        if self._write_lock is None:
-            async with self._transaction(write=True) as tx:
-                yield tx
-        else:
-            async with self._write_lock, self._transaction(write=True) as tx:
-                yield tx
+        async with self._write_lock if self.dialect == "sqlite" else contextlib.nullcontext():
+            if self.dialect == "sqlite":
+                async with self._sqlite_write() as tx:
+                    yield tx
+            else:
+                async with self._postgres_transaction(write=True) as tx:
+                    yield tx
+        if tx.work_namespaces and self.on_work is not None:
+            for namespace in tx.work_namespaces:
+                self.on_work(namespace)
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[Tx]:
         """A read-only transaction (a consistent snapshot on both backends)."""
-        async with self._transaction(write=False) as tx:
-            yield tx
+        if self.dialect == "postgresql":
+            async with self._postgres_transaction(write=False) as tx:
+                yield tx
+            return
+        engine = self.engine
+        assert isinstance(engine, Engine)
+        with engine.connect() as connection:
+            connection.info["begin_mode"] = "DEFERRED"
+            with connection.begin():
+                yield Tx(connection, self.dialect)
 
-    # -- migrations ---------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _postgres_transaction(self, *, write: bool) -> AsyncIterator[Tx]:
+        engine = self.engine
+        assert isinstance(engine, AsyncEngine)
+        async with engine.connect() as connection, connection.begin():
+            tx = Tx(connection, self.dialect)
+            yield tx
+            if write and tx.work_namespaces:
+                for namespace in sorted(tx.work_namespaces):
+                    await connection.execute(
+                        sa.text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": NOTIFY_CHANNEL, "payload": namespace},
+                    )
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_write(self) -> AsyncIterator[Tx]:
+        connection = self._writer_connection()
+        await self._begin_immediate(connection)
+        try:
+            yield Tx(connection, self.dialect)
+        except BaseException:
+            self._abandon(connection)
+            raise
+        try:
+            await asyncio.to_thread(connection.commit)
+        except BaseException:
+            self._abandon(connection)
+            raise
+
+    def _writer_connection(self) -> Connection:
+        if self._writer is None:
+            engine = self.engine
+            assert isinstance(engine, Engine)
+            self._writer = engine.connect()
+            self._writer.info["begin_mode"] = "IMMEDIATE"
+        return self._writer
+
+    async def _begin_immediate(self, connection: Connection) -> None:
+        """Take SQLite's write lock without blocking the loop when another process has it."""
+        _busy_timeout(connection, 0)
+        try:
+            connection.begin()
+        except OperationalError as exc:
+            connection.rollback()
+            if not _is_busy(exc):
+                raise
+        else:
+            return
+
+        def wait_for_lock() -> None:
+            _busy_timeout(connection, SQLITE_BUSY_TIMEOUT_MS)
+            try:
+                connection.begin()
+            except BaseException:
+                connection.rollback()
+                raise
+
+        await asyncio.to_thread(wait_for_lock)
+
+    def _abandon(self, connection: Connection) -> None:
+        """Roll back; a connection that cannot even do that is closed and replaced."""
+        try:
+            connection.rollback()
+        except Exception:
+            logger.warning("discarding a SQLite connection that could not roll back")
+            with contextlib.suppress(Exception):
+                connection.invalidate()
+                connection.close()
+            self._writer = None
+
+    async def run_sync[T](self, function: Callable[[Connection], T]) -> T:
+        """Run ``function`` with a plain SQLAlchemy connection (schema inspection, tests)."""
+        engine = self.engine
+        if isinstance(engine, AsyncEngine):
+            async with engine.connect() as connection:
+                return await connection.run_sync(function)
+        with engine.connect() as connection:
+            return function(connection)
+
+    # -- migrations -------------------------------------------------------------------
 
     async def current_version(self) -> int:
-        async with self.engine.connect() as connection:
-            has_table = await connection.run_sync(
-                lambda sync: sa.inspect(sync).has_table("schema_migrations")
-            )
-            if not has_table:
-                return 0
-            value = await connection.scalar(sa.select(sa.func.max(schema_migrations.c.version)))
-            return int(value or 0)
+        return await self.run_sync(_current_version)
 
     def latest_version(self) -> int:
         files = migration_files(self.dialect)
@@ -168,37 +236,13 @@ class Database:
 
     async def migrate(self) -> list[int]:
         """Apply every pending migration, each in its own transaction. Returns versions applied."""
-        applied: list[int] = []
-        async with self.engine.connect() as lock:
-            if self.dialect == "postgresql":
-                # Serialise concurrent migrators (several replicas starting at once).
-                await lock.execute(sa.text("SELECT pg_advisory_lock(734501)"))
-                await lock.commit()
-            try:
-                async with self.engine.begin() as connection:
-                    await connection.run_sync(
-                        lambda sync: schema_migrations.create(sync, checkfirst=True)
-                    )
-                async with self.engine.connect() as connection:
-                    done = set(await connection.scalars(sa.select(schema_migrations.c.version)))
-                for version, sql in migration_files(self.dialect):
-                    if version in done:
-                        continue
-                    async with self.engine.begin() as connection:
-                        for statement in _statements(sql):
-                            await connection.exec_driver_sql(statement)
-                        await connection.execute(
-                            schema_migrations.insert().values(
-                                version=version, applied_at=int(time.time() * 1000)
-                            )
-                        )
-                    applied.append(version)
-                    logger.info("applied database migration %04d", version)
-            finally:
-                if self.dialect == "postgresql":
-                    await lock.execute(sa.text("SELECT pg_advisory_unlock(734501)"))
-                    await lock.commit()
-        return applied
+        dialect = self.dialect
+        if isinstance(self.engine, AsyncEngine):
+            async with self.engine.connect() as connection:
+                return await connection.run_sync(lambda sync: _migrate(sync, dialect))
+        async with self._write_lock:
+            with self.engine.connect() as connection:
+                return await asyncio.to_thread(_migrate, connection, dialect)
 
     async def check_migrated(self) -> None:
         """Raise :class:`DatabaseNotMigrated` unless the schema is at the latest version."""
@@ -207,7 +251,7 @@ class Database:
         if current < latest:
             raise DatabaseNotMigrated(current=current, latest=latest)
 
-    # -- notifications ------------------------------------------------------------
+    # -- notifications ----------------------------------------------------------------
 
     async def start_listening(self) -> None:
         """On PostgreSQL, forward NOTIFYs from any replica to ``on_work``."""
@@ -229,7 +273,78 @@ class Database:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
-        await self.engine.dispose()
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        if isinstance(self.engine, AsyncEngine):
+            await self.engine.dispose()
+        else:
+            self.engine.dispose()
 
 
-__all__ = ["AsyncConnection", "Database", "async_url", "migration_files"]
+def _busy_timeout(connection: Connection, milliseconds: int) -> None:
+    """Set SQLite's lock wait on the driver's connection (outside any transaction)."""
+    driver: Any = connection.connection.driver_connection
+    driver.execute(f"PRAGMA busy_timeout={int(milliseconds)}")
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so BEGIN is ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = connection.info.get("begin_mode", "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _current_version(connection: Connection) -> int:
+    if not sa.inspect(connection).has_table("schema_migrations"):
+        return 0
+    value = connection.scalar(sa.select(sa.func.max(schema_migrations.c.version)))
+    connection.rollback()
+    return int(value or 0)
+
+
+def _migrate(connection: Connection, dialect: str) -> list[int]:
+    """Apply pending migrations on ``connection`` (serialised across processes)."""
+    applied: list[int] = []
+    if dialect == "postgresql":
+        # Serialise concurrent migrators (several replicas starting at once).
+        connection.execute(sa.text(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})"))
+        connection.commit()
+    try:
+        with connection.begin():
+            schema_migrations.create(connection, checkfirst=True)
+        with connection.begin():
+            done = set(connection.scalars(sa.select(schema_migrations.c.version)))
+        for version, sql in migration_files(dialect):
+            if version in done:
+                continue
+            with connection.begin():
+                for statement in _statements(sql):
+                    connection.exec_driver_sql(statement)
+                connection.execute(
+                    schema_migrations.insert().values(
+                        version=version, applied_at=int(time.time() * 1000)
+                    )
+                )
+            applied.append(version)
+            logger.info("applied database migration %04d", version)
+    finally:
+        if dialect == "postgresql":
+            connection.execute(sa.text(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})"))
+            connection.commit()
+    return applied
+
+
+__all__ = ["Database", "driver_url", "migration_files"]

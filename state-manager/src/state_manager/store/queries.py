@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
@@ -27,6 +27,8 @@ from state_manager.store.tables import (
     states,
     store_entries,
 )
+
+Rows = CursorResult[*tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,23 @@ class TriggerRow:
 class Tx:
     """Typed queries over one connection in one transaction."""
 
-    def __init__(self, connection: AsyncConnection, dialect: str) -> None:
+    def __init__(self, connection: AsyncConnection | Connection, dialect: str) -> None:
         self.connection = connection
         self.dialect = dialect
         # Namespaces in which this transaction made work claimable (for wake-ups).
         self.work_namespaces: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------
+
+    async def _execute(self, statement: Any, parameters: Any = None) -> Rows:
+        """Run one statement: awaited on PostgreSQL, directly on SQLite (see database.py)."""
+        if isinstance(self.connection, AsyncConnection):
+            result: Rows = await self.connection.execute(statement, parameters)
+            return result
+        return self.connection.execute(statement, parameters)
+
+    async def _scalar(self, statement: Any) -> Any:
+        return (await self._execute(statement)).scalar()
 
     def _insert(self, table: sa.Table) -> Any:
         if self.dialect == "postgresql":
@@ -142,12 +154,9 @@ class Tx:
 
     async def _insert_ignoring_conflict(self, table: sa.Table, values: Mapping[str, Any]) -> bool:
         """Insert one row unless it violates a unique constraint; True if inserted."""
-        try:
-            async with self.connection.begin_nested():
-                await self.connection.execute(table.insert().values(**values))
-        except IntegrityError:
-            return False
-        return True
+        statement = self._insert(table).values(**values).on_conflict_do_nothing()
+        result = await self._execute(statement.returning(sa.literal(1)))
+        return result.first() is not None
 
     # -- registered nodes ---------------------------------------------------------
 
@@ -167,10 +176,10 @@ class Tx:
                 )
             },
         )
-        await self.connection.execute(statement)
+        await self._execute(statement)
 
     async def list_registered_nodes(self, namespace: str) -> list[dict[str, Any]]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(registered_nodes)
             .where(registered_nodes.c.namespace == namespace)
             .order_by(registered_nodes.c.name)
@@ -184,7 +193,7 @@ class Tx:
         if not wanted:
             return {}
         namespaces = {ns for _, ns in wanted}
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(registered_nodes).where(registered_nodes.c.namespace.in_(namespaces))
         )
         found: dict[tuple[str, str], dict[str, Any]] = {}
@@ -195,7 +204,7 @@ class Tx:
         return found
 
     async def list_namespaces(self) -> list[str]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(registered_nodes.c.namespace)
             .where(registered_nodes.c.namespace != "")
             .distinct()
@@ -206,7 +215,7 @@ class Tx:
     # -- graph templates ----------------------------------------------------------
 
     async def get_template(self, namespace: str, name: str) -> TemplateRow | None:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(graph_templates).where(
                 graph_templates.c.namespace == namespace, graph_templates.c.name == name
             )
@@ -228,11 +237,11 @@ class Tx:
                 "revision": graph_templates.c.revision + 1,
             },
         ).returning(*graph_templates.c)
-        result = await self.connection.execute(statement)
+        result = await self._execute(statement)
         return TemplateRow.from_row(result.mappings().one())
 
     async def list_templates(self, namespace: str) -> list[TemplateRow]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(graph_templates)
             .where(graph_templates.c.namespace == namespace)
             .order_by(graph_templates.c.name)
@@ -240,7 +249,7 @@ class Tx:
         return [TemplateRow.from_row(row) for row in result.mappings()]
 
     async def pending_templates(self, limit: int) -> list[TemplateRow]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(graph_templates)
             .where(graph_templates.c.validation_status == ValidationStatus.PENDING.value)
             .order_by(graph_templates.c.updated_at)
@@ -265,7 +274,7 @@ class Tx:
         }
         if version_id is not None:
             values["version_id"] = version_id
-        result = await self.connection.execute(
+        result = await self._execute(
             graph_templates.update()
             .where(
                 graph_templates.c.id == template_id,
@@ -280,7 +289,7 @@ class Tx:
         await self._insert_ignoring_conflict(graph_versions, values)
 
     async def get_version(self, version_id: str) -> VersionRow | None:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(graph_versions).where(graph_versions.c.id == version_id)
         )
         row = result.mappings().first()
@@ -289,7 +298,7 @@ class Tx:
     async def get_version_by_revision(
         self, namespace: str, graph_name: str, revision: int
     ) -> VersionRow | None:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(graph_versions).where(
                 graph_versions.c.namespace == namespace,
                 graph_versions.c.graph_name == graph_name,
@@ -302,12 +311,12 @@ class Tx:
     # -- runs and stores ----------------------------------------------------------
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        result = await self.connection.execute(sa.select(runs).where(runs.c.run_id == run_id))
+        result = await self._execute(sa.select(runs).where(runs.c.run_id == run_id))
         row = result.mappings().first()
         return dict(row) if row else None
 
     async def get_store(self, run_id: str) -> dict[str, str]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(store_entries.c.key, store_entries.c.value).where(
                 store_entries.c.run_id == run_id
             )
@@ -320,7 +329,7 @@ class Tx:
         found: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
         if not ids:
             return found
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(store_entries).where(store_entries.c.run_id.in_(ids))
         )
         for row in result:
@@ -332,7 +341,7 @@ class Tx:
         ids = list(set(run_ids))
         if not ids:
             return {}
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(ids))
         )
         return {row.run_id: row.version_id for row in result}
@@ -342,18 +351,18 @@ class Tx:
     ) -> None:
         """Insert run records and their store entries (``run_id``, ``key``, ``value``)."""
         if rows:
-            await self.connection.execute(runs.insert(), [dict(r) for r in rows])
+            await self._execute(runs.insert(), [dict(r) for r in rows])
         if stores:
-            await self.connection.execute(store_entries.insert(), [dict(s) for s in stores])
+            await self._execute(store_entries.insert(), [dict(s) for s in stores])
 
     async def count_runs(self, namespace: str) -> int:
-        value = await self.connection.scalar(
+        value = await self._scalar(
             sa.select(sa.func.count()).select_from(runs).where(runs.c.namespace == namespace)
         )
         return int(value or 0)
 
     async def list_runs(self, namespace: str, offset: int, limit: int) -> list[dict[str, Any]]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(runs)
             .where(runs.c.namespace == namespace)
             .order_by(runs.c.created_at.desc(), runs.c.run_id.desc())
@@ -366,7 +375,7 @@ class Tx:
         counts: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
         if not run_ids:
             return counts
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(states.c.run_id, states.c.status, sa.func.count())
             .where(states.c.run_id.in_(run_ids))
             .group_by(states.c.run_id, states.c.status)
@@ -379,7 +388,7 @@ class Tx:
 
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            await self.connection.execute(states.insert(), [dict(r) for r in rows])
+            await self._execute(states.insert(), [dict(r) for r in rows])
             self._note_work(rows)
 
     def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -388,7 +397,7 @@ class Tx:
                 self.work_namespaces.add(row["namespace"])
 
     async def get_state(self, state_id: str) -> StateRow | None:
-        result = await self.connection.execute(sa.select(states).where(states.c.id == state_id))
+        result = await self._execute(sa.select(states).where(states.c.id == state_id))
         row = result.mappings().first()
         return StateRow.from_row(row) if row else None
 
@@ -396,7 +405,7 @@ class Tx:
         ids = list(set(state_ids))
         if not ids:
             return {}
-        result = await self.connection.execute(sa.select(states).where(states.c.id.in_(ids)))
+        result = await self._execute(sa.select(states).where(states.c.id.in_(ids)))
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
     async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]:
@@ -412,7 +421,7 @@ class Tx:
         query = sa.select(states).where(states.c.id.in_(ids)).order_by(states.c.id)
         if self.dialect == "postgresql":
             query = query.with_for_update()
-        result = await self.connection.execute(query)
+        result = await self._execute(query)
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
@@ -423,7 +432,7 @@ class Tx:
         """
         if not changes:
             return
-        await self.connection.execute(
+        await self._execute(
             _UPDATE_STATE, [{f"b_{k}": change[k] for k in _UPDATE_KEYS} for change in changes]
         )
         self._note_work(changes)
@@ -436,7 +445,7 @@ class Tx:
         if not rows:
             return set()
         statement = self._insert(states).on_conflict_do_nothing().returning(states.c.id)
-        result = await self.connection.execute(statement, [dict(r) for r in rows])
+        result = await self._execute(statement, [dict(r) for r in rows])
         inserted = {row[0] for row in result}
         self._note_work(r for r in rows if r["id"] in inserted)
         return inserted
@@ -445,7 +454,7 @@ class Tx:
         self, run_id: str, identifier: str, retry_count: int, fanout_id: str
     ) -> bool:
         """Whether the retry key (run, identifier, retry count, fan-out id) is taken."""
-        value = await self.connection.scalar(
+        value = await self._scalar(
             sa.select(states.c.id).where(
                 states.c.run_id == run_id,
                 states.c.identifier == identifier,
@@ -471,7 +480,7 @@ class Tx:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        result = await self.connection.execute(
+        result = await self._execute(
             states.update()
             .where(states.c.id.in_(candidates.scalar_subquery()))
             .values(
@@ -488,7 +497,7 @@ class Tx:
 
     async def next_claimable_at(self, namespace: str, node_names: Sequence[str]) -> int | None:
         """The earliest ``enqueue_after`` among waiting states of these nodes."""
-        value = await self.connection.scalar(
+        value = await self._scalar(
             sa.select(sa.func.min(states.c.enqueue_after)).where(
                 states.c.namespace == namespace,
                 states.c.status == StateStatus.CREATED.value,
@@ -498,7 +507,7 @@ class Tx:
         return int(value) if value is not None else None
 
     async def expired_leases(self, now: int, limit: int) -> list[str]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(states.c.id)
             .where(states.c.status == StateStatus.QUEUED.value, states.c.lease_expires_at < now)
             .order_by(states.c.lease_expires_at)
@@ -507,7 +516,7 @@ class Tx:
         return [row[0] for row in result]
 
     async def run_states(self, run_id: str, namespace: str) -> list[StateRow]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(states)
             .where(states.c.run_id == run_id, states.c.namespace == namespace)
             .order_by(states.c.created_at, states.c.id)
@@ -516,7 +525,7 @@ class Tx:
 
     async def count_states(self) -> dict[tuple[str, str, str], int]:
         """Count states by (namespace, node_name, status), for metrics."""
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(
                 states.c.namespace, states.c.node_name, states.c.status, sa.func.count()
             ).group_by(states.c.namespace, states.c.node_name, states.c.status)
@@ -524,7 +533,7 @@ class Tx:
         return {(ns, node, status): int(n) for ns, node, status, n in result}
 
     async def claimable_backlog(self, now: int) -> dict[tuple[str, str], int]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(states.c.namespace, states.c.node_name, sa.func.count())
             .where(states.c.status == StateStatus.CREATED.value, states.c.enqueue_after <= now)
             .group_by(states.c.namespace, states.c.node_name)
@@ -536,7 +545,7 @@ class Tx:
     async def create_groups(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Open fan-in groups (``group_id``, ``run_id``, ``identifier``), counters at zero."""
         if rows:
-            await self.connection.execute(
+            await self._execute(
                 fanin_groups.insert(), [{**row, "pending": 0, "failed": 0} for row in rows]
             )
 
@@ -544,7 +553,7 @@ class Tx:
         self, group_id: str, pending: int, failed: int
     ) -> tuple[int, int] | None:
         """Add to a group's counters and return them (pending, failed) after the change."""
-        result = await self.connection.execute(
+        result = await self._execute(
             fanin_groups.update()
             .where(fanin_groups.c.group_id == group_id)
             .values(pending=fanin_groups.c.pending + pending, failed=fanin_groups.c.failed + failed)
@@ -556,7 +565,7 @@ class Tx:
     # -- cron triggers ------------------------------------------------------------
 
     async def delete_pending_triggers(self, namespace: str, graph_name: str) -> None:
-        await self.connection.execute(
+        await self._execute(
             cron_triggers.delete().where(
                 cron_triggers.c.namespace == namespace,
                 cron_triggers.c.graph_name == graph_name,
@@ -578,7 +587,7 @@ class Tx:
             .limit(1)
             .with_for_update(skip_locked=True)
         )
-        result = await self.connection.execute(
+        result = await self._execute(
             cron_triggers.update()
             .where(cron_triggers.c.id.in_(candidate.scalar_subquery()))
             .values(trigger_status=TriggerStatus.TRIGGERING.value)
@@ -602,14 +611,14 @@ class Tx:
         run_id: str | None,
         error: str | None,
     ) -> None:
-        await self.connection.execute(
+        await self._execute(
             cron_triggers.update()
             .where(cron_triggers.c.id == trigger_id)
             .values(trigger_status=status.value, expires_at=expires_at, run_id=run_id, error=error)
         )
 
     async def list_triggers(self, namespace: str, graph_name: str) -> list[dict[str, Any]]:
-        result = await self.connection.execute(
+        result = await self._execute(
             sa.select(cron_triggers)
             .where(cron_triggers.c.namespace == namespace, cron_triggers.c.graph_name == graph_name)
             .order_by(cron_triggers.c.trigger_time)
@@ -617,7 +626,7 @@ class Tx:
         return [dict(row) for row in result.mappings()]
 
     async def delete_expired_triggers(self, now: int) -> int:
-        result = await self.connection.execute(
+        result = await self._execute(
             cron_triggers.delete().where(
                 cron_triggers.c.expires_at.is_not(None),
                 cron_triggers.c.expires_at <= now,
