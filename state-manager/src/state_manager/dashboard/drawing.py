@@ -30,8 +30,8 @@ STATUS_ORDER = (
 )
 BAR_X = 12
 BAR_Y = 44
-CAPTION_Y = 68
-DOT_Y = 80
+CAPTION_Y = 66
+DOT_Y = 79
 BAR_WIDTH = layout.BOX_WIDTH - 2 * BAR_X
 DOT_RADIUS = 6
 DOT_GAP = 16
@@ -147,7 +147,9 @@ def _caption(box: NodeBox) -> str:
     total = box.counts.total
     if total == 0:
         if box.joins:
-            return box.joins[0][1]
+            group = box.joins[0][0]
+            done = group.descendants - group.pending
+            return f"join: {done:,} of {group.descendants:,} finished"
         return "not started"
     text = f"{total:,} state{'s' if total != 1 else ''}"
     if box.counts.fanout_members:

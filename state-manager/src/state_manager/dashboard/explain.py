@@ -82,13 +82,13 @@ def why_waiting(
 def join_waiting(group: FaninGroup, strategy: UnitesStrategy) -> str:
     """Where a ``unites`` join stands for one fan-in group."""
     finished = group.descendants - group.pending
-    counts = f"{finished} of {group.descendants} states below {group.identifier} have finished"
+    counts = f"{finished:,} of {group.descendants:,} states below {group.identifier} have finished"
     if group.pending > 0:
-        tail = f" ({group.failed} failed)" if group.failed else ""
-        return f"Waiting for a join: {counts}, {group.pending} still open{tail}."
+        tail = f" ({group.failed:,} failed)" if group.failed else ""
+        return f"Waiting for a join: {counts}, {group.pending:,} still open{tail}."
     if strategy is UnitesStrategy.ALL_SUCCESS and group.failed > 0:
         return (
-            f"Will not run: {counts}, but {group.failed} failed and the join needs "
+            f"Will not run: {counts}, but {group.failed:,} failed and the join needs "
             "ALL_SUCCESS. Retry the failed states to let it run."
         )
     return f"Join complete: {counts}."

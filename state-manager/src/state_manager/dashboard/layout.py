@@ -92,9 +92,39 @@ def columns(identifiers: Sequence[str], edges: Sequence[Edge]) -> dict[str, int]
     return column
 
 
+def _after_branches(identifiers: Sequence[str], edges: Sequence[Edge]) -> list[Edge]:
+    """Ordering-only edges that put a uniting node after every node below its target.
+
+    A ``unites`` node runs once everything below its target has finished, so it is
+    drawn to the right of all of it rather than next to the target's successors.
+    """
+    below: dict[str, list[str]] = {i: [] for i in identifiers}
+    for edge in edges:
+        if edge.source in below and edge.target in below:
+            below[edge.source].append(edge.target)
+
+    def reachable(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in below[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    extra: list[Edge] = []
+    for edge in edges:
+        if edge.unites and edge.source in below and edge.target in below:
+            after_uniting = reachable(edge.target) | {edge.target}
+            for node in reachable(edge.source) - after_uniting:
+                extra.append(Edge(node, edge.target))
+    return extra
+
+
 def layout(identifiers: Sequence[str], edges: Sequence[Edge]) -> Layout:
     """Place ``identifiers`` (in template order) and route ``edges`` between them."""
-    column = columns(identifiers, edges)
+    column = columns(identifiers, [*edges, *_after_branches(identifiers, edges)])
     predecessors: dict[str, list[str]] = {i: [] for i in identifiers}
     for edge in edges:
         if edge.source in column and edge.target in predecessors:
