@@ -63,7 +63,8 @@ class Box:
     href: str | None
     tone: str  # overall look: idle, running, success, failed
     caption: str
-    unites: str | None
+    unites: str | None  # the target of a ``unites``, drawn as "⋈ target"
+    unites_title: str | None
     segments: list[Segment] = field(default_factory=list)
     dots: list[Dot] = field(default_factory=list)
 
@@ -116,11 +117,13 @@ def _placed(spec: GraphSpec) -> tuple[layout.Layout, list[layout.Edge]]:
     return layout.layout([n.identifier for n in spec.nodes], edges), edges
 
 
-def _unites_label(spec: GraphSpec, identifier: str) -> str | None:
+def _unites(spec: GraphSpec, identifier: str) -> tuple[str | None, str | None]:
+    """The target of a uniting node, and a longer description for its tooltip."""
     node = spec.node(identifier)
     if node is None or node.unites is None:
-        return None
-    return f"unites {node.unites.identifier} ({node.unites.strategy.value})"
+        return None, None
+    target = node.unites.identifier
+    return target, f"unites the fan-out of {target} ({node.unites.strategy.value})"
 
 
 def draw_template(spec: GraphSpec) -> Drawing:
@@ -134,13 +137,22 @@ def draw_template(spec: GraphSpec) -> Drawing:
             y=placed.nodes[node.identifier].y,
             href=None,
             tone="idle",
-            caption=f"{len(node.inputs)} input(s)",
-            unites=_unites_label(spec, node.identifier),
+            caption=_template_caption(spec, node.identifier),
+            unites=_unites(spec, node.identifier)[0],
+            unites_title=_unites(spec, node.identifier)[1],
         )
         for node in spec.nodes
     ]
     lines = [Line(path=e.path, kind="unites" if e.edge.unites else "next") for e in placed.edges]
     return Drawing(width=placed.width, height=placed.height, boxes=boxes, lines=lines)
+
+
+def _template_caption(spec: GraphSpec, identifier: str) -> str:
+    node = spec.node(identifier)
+    assert node is not None
+    if node.unites is not None:
+        return node.unites.strategy.value
+    return f"{len(node.inputs)} input(s)"
 
 
 def _caption(box: NodeBox) -> str:
@@ -172,7 +184,8 @@ def draw_run(view: RunView) -> Drawing:
             href=run_url(view.namespace, view.summary.run_id, node=node.identifier),
             tone=tone(info.counts.statuses),
             caption=_caption(info),
-            unites=_unites_label(view.spec, node.identifier),
+            unites=_unites(view.spec, node.identifier)[0],
+            unites_title=_unites(view.spec, node.identifier)[1],
             segments=segments(info.counts.statuses),
         )
         box.dots = _dots(info, position, view)
