@@ -1,7 +1,8 @@
 """The dashboard: server-rendered pages at ``/dashboard/`` and air-gapped API docs at ``/docs``.
 
 Everything it serves (styles, scripts, Swagger UI) is vendored in this package;
-nothing is loaded from another host. See ``THIRD_PARTY.md`` for the vendored files.
+nothing is loaded from another host. The repository's ``THIRD_PARTY.md`` lists the
+vendored files and their licences.
 """
 
 from __future__ import annotations
