@@ -30,11 +30,25 @@ def test_sign_in_redirects_back_to_the_asked_page(page: Page, dash: Dash) -> Non
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(dash.url(asked))
     expect(page.locator("#runs-controls select[name=size]")).to_have_value("50")
+    expect(page.locator("#runs-live")).to_be_visible()
     [cookie] = [c for c in page.context.cookies() if c["name"] == "exo_dashboard_session"]
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
     assert dash.server.key not in page.url
     stored = page.evaluate("JSON.stringify([localStorage, sessionStorage, document.cookie])")
     assert dash.server.key not in stored and "exo_dashboard_session" not in stored
+
+
+def test_runs_table_refreshes_itself(signed_in: Page, dash: Dash) -> None:
+    page = signed_in
+    page.goto(dash.url(f"/dashboard/namespaces/{dash.namespace}/runs?refresh=1"))
+    page.evaluate("window.__notReloaded = true")
+    run_id = dash.trigger("flaky", gate=str(dash.gate("table-never")))
+    row = page.locator(f'tr[data-run-id="{run_id}"]')
+    expect(row).to_be_visible(timeout=15_000)
+    expect(row.locator(".badge")).to_have_text("FAILED", timeout=15_000)
+    expect(row.locator("td.num").nth(2)).to_have_text("1")  # errored
+    assert page.evaluate("window.__notReloaded") is True
+    expect(page.locator("#refresh-select")).to_have_value("1")
 
 
 def test_overview_shows_nodes_schemas_and_templates(signed_in: Page, dash: Dash) -> None:
@@ -173,6 +187,8 @@ def test_a_10000_state_run_page(signed_in: Page, dash: Dash) -> None:
 
 def test_sign_out(signed_in: Page, dash: Dash) -> None:
     page = signed_in
+    page.goto(dash.url(f"/dashboard/namespaces/{dash.namespace}/runs?refresh=0"))
+    screenshot(page, dash, "runs")
     page.locator("#sign-out").click()
     page.wait_for_url(lambda url: "/dashboard/login" in url)
     assert not [c for c in page.context.cookies() if c["name"] == "exo_dashboard_session"]

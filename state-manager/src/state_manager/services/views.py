@@ -95,7 +95,7 @@ class NodeBox:
     node: NodeTemplate
     counts: NodeCounts
     states: list[StateBrief]  # every state when there are at most SMALL_GROUP
-    joins: list[tuple[FaninGroup, str]]  # for a uniting node: where its joins stand
+    joins: list[tuple[FaninGroup, str]]  # a uniting node without states: its joins
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ async def run_view(ctx: Context, namespace: str, run_id: str) -> RunView:
                 box.states = await tx.run_states_page(
                     run_id, namespace, node.identifier, [], 0, SMALL_GROUP
                 )
-            if node.unites is not None:
+            if node.unites is not None and found.total == 0:  # where does its join stand?
                 groups = await tx.opened_groups(run_id, node.unites.identifier, JOINS_SHOWN)
                 box.joins = [(g, join_waiting(g, node.unites.strategy)) for g in groups]
             boxes[node.identifier] = box
