@@ -75,8 +75,10 @@ def dash(
         database.drop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """Chromium for one test module; closed with it, so Playwright's event loop never
+    outlives the browser tests."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does it)")
     with sync_playwright() as playwright:

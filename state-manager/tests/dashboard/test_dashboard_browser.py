@@ -159,14 +159,24 @@ def test_a_10000_state_run_page(signed_in: Page, dash: Dash) -> None:
     run_id = dash.trigger("big", count=str(BIG_FANOUT), gate=str(dash.gate("never")))
     dash.wait_run(run_id, lambda r: r["total_count"] == 2 * BIG_FANOUT, limit_s=120)
     url = dash.run_url(run_id)
-    started = time.perf_counter()
-    response = page.goto(url, wait_until="load")
-    elapsed = time.perf_counter() - started
-    assert response is not None and response.status == 200
+    loads: list[float] = []
+    server_ms: list[float] = []
+    for _ in range(3):
+        started = time.perf_counter()
+        response = page.goto(url, wait_until="load")
+        loads.append((time.perf_counter() - started) * 1000)
+        assert response is not None and response.status == 200
+        server_ms.append(
+            page.evaluate(
+                "(() => { const t = performance.getEntriesByType('navigation')[0];"
+                " return t.responseStart - t.requestStart; })()"
+            )
+        )
     size = len(response.body())
     print(
-        f"\n[dashboard] {dash.backend}: run page of {2 * BIG_FANOUT:,} states loaded in "
-        f"{elapsed * 1000:.0f} ms ({size / 1024:.0f} KiB of HTML)"
+        f"\n[dashboard] {dash.backend}: run page of {2 * BIG_FANOUT:,} states, "
+        f"{size / 1024:.0f} KiB of HTML; load in ms {', '.join(f'{t:.0f}' for t in loads)}"
+        f" (server answered in {', '.join(f'{t:.0f}' for t in server_ms)})"
     )
     # What is shipped is bounded by the template, not by the run: no row per state.
     assert size < 100_000, size
