@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from dashboard_support import BIG_FANOUT, SECRET_VALUE, Dash, screenshot, sign_in
-from playwright.sync_api import BrowserContext, Page, expect
+from playwright.sync_api import BrowserContext, Page, Route, expect
 
 
 def _box(page: Page, identifier: str) -> Any:
@@ -242,3 +242,23 @@ def test_requests_without_the_cookie_or_from_forged_forms_are_refused(
         assert answer.value.status == 403, (origin_page, answer.value.status)
         expect(page.locator("#error-message")).to_be_visible()
     assert dash.states(run_id)[0]["status"] == "ERRORED"  # nothing was retried
+
+
+def test_api_docs_render_without_internet(context: BrowserContext, dash: Dash) -> None:
+    """/docs draws Swagger UI from the server's own files; any other host is cut off."""
+    elsewhere: list[str] = []
+
+    def only_local(route: Route) -> None:
+        if route.request.url.startswith(dash.server.base_url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_local)
+    page = context.new_page()
+    page.goto(dash.url("/docs"))
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("Exosphere State Manager")
+    expect(page.locator(".opblock").first).to_be_visible()
+    assert page.locator(".opblock").count() > 15
+    assert elsewhere == []
