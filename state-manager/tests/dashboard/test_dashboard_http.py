@@ -232,6 +232,7 @@ async def test_pages_carry_security_headers_and_errors_are_pages(
         (f"/dashboard/namespaces/{NS}/runs/{run_id}?node=nope", 404, "not part of graph"),
         (f"/dashboard/namespaces/{NS}/graphs/missing", 404, "not found"),
         (f"/dashboard/namespaces/{NS}/runs?page=0", 400, "page"),
+        ("/dashboard/no/such/page", 404, "No dashboard page at /dashboard/no/such/page"),
     ]
     for path, status, text in cases:
         response = await signed_in.http.get(path)

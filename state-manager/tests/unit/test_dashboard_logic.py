@@ -7,6 +7,7 @@ from state_manager.dashboard import drawing, explain, layout, session
 from state_manager.dashboard.routes import trigger_request
 from state_manager.domain.models import NodeTemplate, UnitesStrategy
 from state_manager.errors import InvalidRequest
+from state_manager.services.views import Registration
 from state_manager.store.queries import FaninGroup, StateBrief
 
 KEY = session.signing_key("api-key", "encryption-key")
@@ -188,7 +189,7 @@ def _brief(status: str, **values: int | None) -> StateBrief:
 
 
 def test_why_waiting() -> None:
-    registered = explain.Registration("worker-1", 1_000)
+    registered = Registration("worker-1", 1_000)
     delayed = _brief("CREATED", enqueue_after=90_000, retry_count=2)
     assert "retry back-off" in (explain.why_waiting(delayed, "ns", registered, 30_000) or "")
     assert "in 1 min" in (explain.why_waiting(delayed, "ns", registered, 30_000) or "")

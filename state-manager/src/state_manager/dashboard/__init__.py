@@ -32,12 +32,13 @@ def install(app: FastAPI, settings: Settings) -> None:
         ),
         templates=build_environment(),
     )
-    app.include_router(router)
+    # Static files first: the router ends with a catch-all for unknown dashboard pages.
     app.mount(
         STATIC_PREFIX,
         StaticFiles(packages=[("state_manager.dashboard", "static")]),
         name="dashboard-static",
     )
+    app.include_router(router)
 
     @app.get("/docs", include_in_schema=False)
     async def api_docs() -> HTMLResponse:

@@ -159,7 +159,7 @@ def _caption(box: NodeBox) -> str:
     total = box.counts.total
     if total == 0:
         if box.joins:
-            group = box.joins[0][0]
+            group = box.joins[0]
             done = group.descendants - group.pending
             return f"join: {done:,} of {group.descendants:,} finished"
         return "not started"

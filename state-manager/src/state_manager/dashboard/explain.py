@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from state_manager.domain.models import StateStatus, UnitesStrategy
 from state_manager.services.context import iso
-from state_manager.store.queries import FaninGroup, StateBrief
-
-
-@dataclass(frozen=True)
-class Registration:
-    """Who last registered a node name in a namespace, and when."""
-
-    runtime_name: str
-    updated_at: int
+from state_manager.services.views import Registration
+from state_manager.store.queries import FaninGroup, StateBrief, StateRow
 
 
 def duration(ms: int) -> str:
@@ -36,7 +27,7 @@ def duration(ms: int) -> str:
 
 
 def why_waiting(
-    state: StateBrief, namespace: str, registration: Registration | None, now: int
+    state: StateBrief | StateRow, namespace: str, registration: Registration | None, now: int
 ) -> str | None:
     """Why a pending state has not finished yet; None for a finished state."""
     status = StateStatus(state.status)

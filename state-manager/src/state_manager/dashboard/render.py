@@ -10,7 +10,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from state_manager import __version__
 from state_manager.dashboard import drawing
-from state_manager.dashboard.explain import duration
+from state_manager.dashboard.explain import duration, join_waiting, why_waiting
 from state_manager.dashboard.session import Session
 from state_manager.dashboard.urls import graph_url, overview_url, run_url, runs_url, static
 from state_manager.services.context import iso
@@ -50,6 +50,8 @@ def build_environment() -> Environment:
             "draw_template": drawing.draw_template,
             "status_order": [s.value for s in drawing.STATUS_ORDER],
             "drawing": drawing,
+            "why_waiting": why_waiting,
+            "join_waiting": join_waiting,
             "version": __version__,
         }
     )

@@ -26,7 +26,7 @@ from state_manager.api.routes import MAX_PAGE, GraphName, Namespace, RunId
 from state_manager.dashboard import session as sessions
 from state_manager.dashboard.render import page_context
 from state_manager.dashboard.urls import run_url
-from state_manager.errors import InvalidRequest, StateManagerError
+from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import graphs, runs, views
 from state_manager.services.context import Context
 from state_manager.settings import Settings
@@ -165,14 +165,18 @@ async def _form(request: Request) -> dict[str, str]:
     return fields
 
 
-async def checked_form(
-    request: Request, current: Annotated[sessions.Session, Depends(require_session)]
-) -> dict[str, str]:
-    """The form of a state-changing request, after the CSRF and origin checks."""
+def _require_our_origin(request: Request) -> None:
     if not sessions.same_origin(
         request.headers.get("origin"), request.headers.get("referer"), _own_host(request)
     ):
         raise Refused("Cross-site request refused.")
+
+
+async def checked_form(
+    request: Request, current: Annotated[sessions.Session, Depends(require_session)]
+) -> dict[str, str]:
+    """The form of a state-changing request, after the CSRF and origin checks."""
+    _require_our_origin(request)
     fields = await _form(request)
     if not sessions.csrf_ok(current, fields.get("csrf_token")):
         raise Refused("Missing or wrong CSRF token: reload the page and try again.")
@@ -224,10 +228,7 @@ async def login_form(request: Request, next: str | None = None) -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    if not sessions.same_origin(
-        request.headers.get("origin"), request.headers.get("referer"), _own_host(request)
-    ):
-        raise Refused("Cross-site sign-in refused.")
+    _require_our_origin(request)
     fields = await _form(request)
     next_url = sessions.safe_next(fields.get("next"))
     dashboard = _dashboard(request)
@@ -259,19 +260,13 @@ async def logout(_form: FormDep) -> Response:
 
 
 @router.get("/")
-async def home(
+@router.get("/namespaces/{namespace}")
+async def overview(
     request: Request, current: SessionDep, ctx: ContextDep, namespace: str | None = None
 ) -> Response:
-    overview = await views.overview(ctx, namespace)
-    return render(request, "overview.html", {"overview": overview}, session=current)
-
-
-@router.get("/namespaces/{namespace}")
-async def namespace_overview(
-    request: Request, namespace: Namespace, current: SessionDep, ctx: ContextDep
-) -> Response:
-    overview = await views.overview(ctx, namespace)
-    return render(request, "overview.html", {"overview": overview}, session=current)
+    """A namespace (from the path, or ``?namespace=``; default: the first one)."""
+    found = await views.overview(ctx, namespace)
+    return render(request, "overview.html", {"overview": found}, session=current)
 
 
 # -- runs ---------------------------------------------------------------------------
@@ -446,3 +441,9 @@ async def trigger_run(
             status_code=400,
         )
     return RedirectResponse(run_url(namespace, run_id), status_code=303)
+
+
+@router.get("/{unknown:path}")
+async def not_found(unknown: str, _current: SessionDep) -> Response:
+    """Any other dashboard address: a 404 page (after sign-in, like every page)."""
+    raise NotFound(f"No dashboard page at /dashboard/{unknown}")

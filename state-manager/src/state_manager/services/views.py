@@ -8,10 +8,9 @@ state only when it is opened.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from state_manager.dashboard.explain import Registration, join_waiting, why_waiting
 from state_manager.domain import graph as graph_rules
 from state_manager.domain.buckets import TERMINAL_STATUSES
 from state_manager.domain.models import GraphSpec, NodeTemplate, StateStatus
@@ -95,7 +94,7 @@ class NodeBox:
     node: NodeTemplate
     counts: NodeCounts
     states: list[StateBrief]  # every state when there are at most SMALL_GROUP
-    joins: list[tuple[FaninGroup, str]]  # a uniting node without states: its joins
+    joins: list[FaninGroup]  # a uniting node without states: the joins it waits for
 
 
 @dataclass(frozen=True)
@@ -122,8 +121,7 @@ async def run_view(ctx: Context, namespace: str, run_id: str) -> RunView:
                     run_id, namespace, node.identifier, [], 0, SMALL_GROUP
                 )
             if node.unites is not None and found.total == 0:  # where does its join stand?
-                groups = await tx.opened_groups(run_id, node.unites.identifier, JOINS_SHOWN)
-                box.joins = [(g, join_waiting(g, node.unites.strategy)) for g in groups]
+                box.joins = await tx.opened_groups(run_id, node.unites.identifier, JOINS_SHOWN)
             boxes[node.identifier] = box
     return RunView(
         summary=summary,
@@ -134,20 +132,18 @@ async def run_view(ctx: Context, namespace: str, run_id: str) -> RunView:
     )
 
 
-def brief(state: StateRow) -> StateBrief:
-    return StateBrief(**{f.name: getattr(state, f.name) for f in fields(StateBrief)})
+@dataclass(frozen=True)
+class Registration:
+    """Who last registered a node name in a namespace, and when (ms)."""
+
+    runtime_name: str
+    updated_at: int
 
 
 async def _registration(tx: Tx, namespace: str, node_name: str) -> Registration | None:
     found = await tx.registered_nodes_for([(node_name, namespace)])
     row = found.get((node_name, namespace))
     return Registration(row["runtime_name"], row["updated_at"]) if row else None
-
-
-@dataclass(frozen=True)
-class ListedState:
-    state: StateBrief
-    why: str | None
 
 
 @dataclass(frozen=True)
@@ -159,8 +155,10 @@ class NodeStates:
     page: int
     size: int
     total: int
-    states: list[ListedState]
-    joins: list[tuple[FaninGroup, str, list[StateBrief]]]  # uniting node: open branches
+    states: list[StateBrief]
+    joins: list[tuple[FaninGroup, list[StateBrief]]]  # a uniting node: open branches
+    registration: Registration | None  # of the node, to explain waiting states
+    now: int
 
     @property
     def pages(self) -> int:
@@ -176,7 +174,7 @@ async def node_states(
     page: int,
     size: int,
 ) -> NodeStates:
-    """A page of a node's states in a run, each pending one with why it is waiting."""
+    """A page of a node's states in a run, and what a uniting node's joins wait for."""
     unknown = [s for s in statuses if s not in StateStatus.__members__]
     if unknown:
         raise InvalidRequest(f"Unknown status: {', '.join(unknown)}")
@@ -191,21 +189,23 @@ async def node_states(
             run_id, namespace, identifier, statuses, (page - 1) * size, size
         )
         registration = await _registration(tx, namespace, node.node_name)
-        joins: list[tuple[FaninGroup, str, list[StateBrief]]] = []
+        joins: list[tuple[FaninGroup, list[StateBrief]]] = []
         if node.unites is not None:
             for group in await tx.opened_groups(run_id, node.unites.identifier, JOINS_SHOWN):
                 open_ones = await tx.open_descendants(
                     run_id, group.identifier, group.group_id, OPEN_BRANCHES_SHOWN
                 )
-                joins.append((group, join_waiting(group, node.unites.strategy), open_ones))
+                joins.append((group, open_ones))
     return NodeStates(
         node=node,
         statuses=statuses,
         page=page,
         size=size,
         total=total,
-        states=[ListedState(s, why_waiting(s, namespace, registration, now)) for s in found],
+        states=found,
         joins=joins,
+        registration=registration,
+        now=now,
     )
 
 
@@ -213,14 +213,15 @@ async def node_states(
 class StateDetails:
     state: StateRow
     attempts: list[StateBrief]
-    why: str | None
+    registration: Registration | None  # of the state's node, to explain a wait
+    now: int
     retryable: bool  # finished and not already retried
 
 
 async def state_details(
     ctx: Context, namespace: str, graph_name: str, run_id: str, state_id: str
 ) -> StateDetails:
-    """One state with its payloads, its attempts and why it is waiting (400/404 as v0)."""
+    """One state with its payloads and attempts (400/404 like the v0 node details)."""
     state = await runs.node_details(ctx, namespace, graph_name, run_id, state_id)
     async with ctx.db.read() as tx:
         attempts = await tx.state_attempts(state, ATTEMPTS_SHOWN)
@@ -229,7 +230,8 @@ async def state_details(
     return StateDetails(
         state=state,
         attempts=attempts,
-        why=why_waiting(brief(state), namespace, registration, ctx.clock()),
+        registration=registration,
+        now=ctx.clock(),
         retryable=status in TERMINAL_STATUSES and status is not StateStatus.RETRY_CREATED,
     )
 
