@@ -110,7 +110,7 @@ async def run_view(ctx: Context, namespace: str, run_id: str) -> RunView:
     """A run's status and its graph of node boxes (404 for a run of another namespace)."""
     summary = await runs.run_summary(ctx, namespace, run_id)
     async with ctx.db.read() as tx:
-        graph = await ctx.graphs.for_run(tx, run_id)
+        graph = (await ctx.graphs.for_runs(tx, [run_id]))[run_id]
         counts = await tx.run_node_counts(run_id, namespace)
         boxes: dict[str, NodeBox] = {}
         for node in graph.spec.nodes:
@@ -182,7 +182,7 @@ async def node_states(
         raise InvalidRequest(f"page must be ≥ 1 and size between 1 and {MAX_GROUP_PAGE}")
     now = ctx.clock()
     async with ctx.db.read() as tx:
-        graph = await ctx.graphs.for_run(tx, run_id)
+        graph = (await ctx.graphs.for_runs(tx, [run_id]))[run_id]
         node = graph.node(identifier)
         total = await tx.count_run_states(run_id, namespace, identifier, statuses)
         found = await tx.run_states_page(
