@@ -303,3 +303,22 @@ async def test_api_docs_are_served_from_the_server(visitor: Visitor) -> None:
     schema = (await visitor.http.get("/openapi.json")).json()
     assert not [p for p in schema["paths"] if p.startswith("/dashboard")]
     assert (await visitor.http.get("/redoc")).status_code == 404
+
+
+async def test_graph_page_shows_cron_triggers_and_their_fire_records(
+    signed_in: Visitor, client: httpx.AsyncClient
+) -> None:
+    api = Api(client, NS)
+    await api.register(node("One", inputs=("x",), outputs=("y",)))
+    await api.create_graph(
+        "cron",
+        {
+            "nodes": [template_node("One", "one", NS, {"x": "1"})],
+            "triggers": [{"type": "CRON", "value": {"expression": "*/5 * * * *"}}],
+        },
+    )
+    page = await signed_in.http.get(f"/dashboard/namespaces/{NS}/graphs/cron")
+    assert page.status_code == 200
+    assert "<code>CRON */5 * * * *</code>" in page.text
+    scheduled = re.findall(r"<td><code>\*/5 \* \* \* \*</code></td><td>PENDING</td>", page.text)
+    assert len(scheduled) == 1, page.text

@@ -32,6 +32,7 @@ MAX_GROUP_PAGE = 200
 ATTEMPTS_SHOWN = 50
 JOINS_SHOWN = 5
 OPEN_BRANCHES_SHOWN = 10
+TRIGGERS_SHOWN = 20
 
 
 # -- overview and graph templates -----------------------------------------------------
@@ -70,7 +71,7 @@ async def graph_page(ctx: Context, namespace: str, name: str) -> GraphPage:
     template = await graphs.get_graph(ctx, namespace, name)
     spec = GraphSpec.model_validate(template.spec)
     async with ctx.db.read() as tx:
-        triggers = await tx.list_triggers(namespace, name)
+        triggers = await tx.recent_triggers(namespace, name, TRIGGERS_SHOWN)
     try:
         root: NodeTemplate | None = graph_rules.find_root(spec)
     except ValueError:  # an INVALID template has no single root; it cannot be triggered
@@ -78,7 +79,7 @@ async def graph_page(ctx: Context, namespace: str, name: str) -> GraphPage:
     return GraphPage(
         template=template,
         spec=spec,
-        triggers=triggers[-20:],
+        triggers=triggers,
         root=root,
         root_inputs=sorted(root.inputs) if root is not None else [],
     )

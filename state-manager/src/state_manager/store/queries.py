@@ -750,6 +750,19 @@ class Tx:
             )
         return found
 
+    async def recent_triggers(
+        self, namespace: str, graph_name: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The latest cron fire records of a graph (scheduled, fired or failed), oldest
+        first; at most ``limit`` of the many that retention keeps."""
+        result = await self.connection.execute(
+            sa.select(cron_triggers)
+            .where(cron_triggers.c.namespace == namespace, cron_triggers.c.graph_name == graph_name)
+            .order_by(cron_triggers.c.trigger_time.desc(), cron_triggers.c.id.desc())
+            .limit(limit)
+        )
+        return [dict(row) for row in reversed(result.mappings().all())]
+
     async def open_descendants(
         self, run_id: str, identifier: str, group_id: str, limit: int
     ) -> list[StateBrief]:
