@@ -84,6 +84,7 @@ def test_run_graph_fills_in_live_while_the_worker_executes_it(signed_in: Page, d
     expect(_box(page, "fan")).to_contain_text("fan-out of 3")
     expect(_box(page, "gather")).to_contain_text("join: 0 of 3 finished")
     _dots(page, "hold", "QUEUED").first.click()
+    expect(_box(page, "hold").locator("circle.dot.selected")).to_have_count(1)
     why = page.locator("#why-waiting")
     expect(why).to_contain_text("Held by a worker")
     expect(why).to_contain_text("lease ends")

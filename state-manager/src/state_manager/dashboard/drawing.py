@@ -52,6 +52,7 @@ class Dot:
     cx: int
     cy: int
     href: str
+    selected: bool
 
 
 @dataclass
@@ -169,8 +170,9 @@ def _caption(box: NodeBox) -> str:
     return text
 
 
-def draw_run(view: RunView) -> Drawing:
-    """A run over its template: counts, status bars and (for small nodes) state dots."""
+def draw_run(view: RunView, selected: str | None = None) -> Drawing:
+    """A run over its template: counts, status bars and (for small nodes) state dots;
+    the dot of the ``selected`` state (the one open in the panel) stands out."""
     placed, _edges = _placed(view.spec)
     boxes: list[Box] = []
     for node in view.spec.nodes:
@@ -188,7 +190,7 @@ def draw_run(view: RunView) -> Drawing:
             unites_title=_unites(view.spec, node.identifier)[1],
             segments=segments(info.counts.statuses),
         )
-        box.dots = _dots(info, position, view)
+        box.dots = _dots(info, position, view, selected)
         boxes.append(box)
     fanned_out = {i for i, b in view.boxes.items() if b.counts.fanout_members}
     lines = [
@@ -203,7 +205,7 @@ def draw_run(view: RunView) -> Drawing:
     return Drawing(width=placed.width, height=placed.height, boxes=boxes, lines=lines)
 
 
-def _dots(info: NodeBox, position: layout.Placed, view: RunView) -> list[Dot]:
+def _dots(info: NodeBox, position: layout.Placed, view: RunView, selected: str | None) -> list[Dot]:
     """One dot per state, in a row under the status bar (few states only)."""
     return [
         Dot(
@@ -212,6 +214,7 @@ def _dots(info: NodeBox, position: layout.Placed, view: RunView) -> list[Dot]:
             cx=position.x + BAR_X + DOT_RADIUS + index * DOT_GAP,
             cy=position.y + DOT_Y,
             href=run_url(view.namespace, view.summary.run_id, state=state.id),
+            selected=state.id == selected,
         )
         for index, state in enumerate(info.states)
     ]
