@@ -201,6 +201,7 @@ SETTINGS_VARIABLES = frozenset(
         "LOG_LEVEL",
         "LOG_FORMAT",
         "CORS_ORIGINS",
+        "DASHBOARD_SESSION_HOURS",
         "MAX_BATCH_SIZE",
         "MAX_FANOUT",
         "MAX_PAGE_SIZE",

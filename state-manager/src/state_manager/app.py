@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from state_manager import __version__
+from state_manager import __version__, dashboard
 from state_manager.api.middleware import RequestContextMiddleware
 from state_manager.api.routes import v0
 from state_manager.background import loops
@@ -67,6 +67,9 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Durable workflow state manager, wire-compatible with the Exosphere v0 API.",
+        # /docs is served by the dashboard package from vendored assets (no CDN).
+        docs_url=None,
+        redoc_url=None,
     )
 
     @app.exception_handler(StateManagerError)
@@ -96,6 +99,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.include_router(v0)
+    dashboard.install(app, settings)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes
     )

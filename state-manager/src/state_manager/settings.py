@@ -88,6 +88,7 @@ class Settings:
     max_page_size: int = 1_000
     max_wait_ms: int = 30_000
     auto_migrate: bool = True
+    dashboard_session_hours: int = 12
 
     @classmethod
     def from_env(
@@ -118,6 +119,7 @@ class Settings:
             max_batch_size=_int(env, "MAX_BATCH_SIZE", 1_000, 1),
             max_page_size=_int(env, "MAX_PAGE_SIZE", 1_000, 1),
             max_wait_ms=_int(env, "MAX_WAIT_MS", 30_000, 0),
+            dashboard_session_hours=_int(env, "DASHBOARD_SESSION_HOURS", 12, 1),
             auto_migrate=(
                 auto_migrate_raw in {"1", "true", "yes"}
                 if auto_migrate_raw

@@ -60,6 +60,7 @@ def test_production_defaults() -> None:
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
         ({"TRIGGER_WORKERS": "zero"}, "TRIGGER_WORKERS"),
         ({"TRIGGER_RETENTION_HOURS": "0"}, "at least 1"),
+        ({"DASHBOARD_SESSION_HOURS": "0"}, "DASHBOARD_SESSION_HOURS must be at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ],
 )
@@ -75,3 +76,5 @@ def test_numeric_settings_are_read() -> None:
         60,
         "DEBUG",
     )
+    assert production().dashboard_session_hours == 12
+    assert production(DASHBOARD_SESSION_HOURS="2").dashboard_session_hours == 2

@@ -636,3 +636,204 @@ class Tx:
             )
         )
         return int(result.rowcount or 0)
+
+    # == dashboard reads ==========================================================
+    # Read-only queries of the dashboard (services/views.py). Each answer is bounded
+    # by a page size or by the size of a graph template, never by a run's history.
+
+    async def run_node_counts(self, run_id: str, namespace: str) -> dict[str, NodeCounts]:
+        """Per identifier of a run: its states counted by status, and how many of them
+        are extra outputs of a fan-out (members of another state's group)."""
+        sibling = sa.case((states.c.group_id != states.c.id, 1), else_=0)
+        result = await self._execute(
+            sa.select(states.c.identifier, states.c.status, sa.func.count(), sa.func.sum(sibling))
+            .where(states.c.run_id == run_id, states.c.namespace == namespace)
+            .group_by(states.c.identifier, states.c.status)
+        )
+        found: dict[str, NodeCounts] = {}
+        for identifier, status, count, siblings in result:
+            entry = found.setdefault(identifier, NodeCounts(statuses={}, fanout_members=0))
+            entry.statuses[status] = int(count)
+            entry.fanout_members += int(siblings or 0)
+        return found
+
+    def _run_states_filter(
+        self, run_id: str, namespace: str, identifier: str, statuses: Sequence[str]
+    ) -> sa.ColumnElement[bool]:
+        condition = sa.and_(
+            states.c.run_id == run_id,
+            states.c.namespace == namespace,
+            states.c.identifier == identifier,
+        )
+        if statuses:
+            condition = sa.and_(condition, states.c.status.in_(list(statuses)))
+        return condition
+
+    async def run_states_page(
+        self,
+        run_id: str,
+        namespace: str,
+        identifier: str,
+        statuses: Sequence[str],
+        offset: int,
+        limit: int,
+    ) -> list[StateBrief]:
+        """One page of a run's states of ``identifier`` (oldest first), without payloads."""
+        result = await self._execute(
+            sa.select(*StateBrief.columns())
+            .where(self._run_states_filter(run_id, namespace, identifier, statuses))
+            .order_by(states.c.created_at, states.c.id)
+            .offset(offset)
+            .limit(limit)
+        )
+        return [StateBrief.from_row(row) for row in result.mappings()]
+
+    async def count_run_states(
+        self, run_id: str, namespace: str, identifier: str, statuses: Sequence[str]
+    ) -> int:
+        value = await self._scalar(
+            sa.select(sa.func.count())
+            .select_from(states)
+            .where(self._run_states_filter(run_id, namespace, identifier, statuses))
+        )
+        return int(value or 0)
+
+    async def state_attempts(self, state: StateRow, limit: int) -> list[StateBrief]:
+        """The attempts of ``state``'s task: states of its run with the same identifier and
+        parents (automatic and manual retries), oldest first. Other members of a fan-out
+        share both but are separate tasks, so they are left out."""
+        condition = sa.and_(
+            states.c.run_id == state.run_id,
+            states.c.identifier == state.identifier,
+            sa.or_(states.c.group_id == states.c.id, states.c.id == state.id),
+        )
+        if state.parents:
+            key, parent_id = list(state.parents.items())[-1]
+            condition = sa.and_(condition, states.c.parents[key].as_string() == parent_id)
+        result = await self._execute(
+            sa.select(*StateBrief.columns(), states.c.parents)
+            .where(condition)
+            .order_by(states.c.created_at, states.c.id)
+            .limit(limit)
+        )
+        return [
+            StateBrief.from_row(row) for row in result.mappings() if row["parents"] == state.parents
+        ]
+
+    async def opened_groups(self, run_id: str, identifier: str, limit: int) -> list[FaninGroup]:
+        """Fan-in groups opened by states of ``identifier`` in a run, with their counters
+        and how many states descend from each (the branches a join waits for)."""
+        openers = (
+            sa.select(states.c.id)
+            .where(
+                states.c.run_id == run_id,
+                states.c.identifier == identifier,
+                states.c.group_id == states.c.id,
+            )
+            .order_by(states.c.created_at, states.c.id)
+            .scalar_subquery()
+        )
+        result = await self._execute(
+            sa.select(fanin_groups)
+            .where(fanin_groups.c.group_id.in_(openers))
+            .order_by(fanin_groups.c.group_id)
+            .limit(limit)
+        )
+        groups = [dict(row) for row in result.mappings()]
+        found: list[FaninGroup] = []
+        for group in groups:
+            member = states.c.groups[identifier].as_string() == group["group_id"]
+            total = await self._scalar(
+                sa.select(sa.func.count())
+                .select_from(states)
+                .where(states.c.run_id == run_id, member)
+            )
+            found.append(
+                FaninGroup(
+                    group_id=group["group_id"],
+                    identifier=identifier,
+                    pending=int(group["pending"]),
+                    failed=int(group["failed"]),
+                    descendants=int(total or 0),
+                )
+            )
+        return found
+
+    async def recent_triggers(
+        self, namespace: str, graph_name: str, limit: int
+    ) -> list[dict[str, Any]]:
+        """The latest cron fire records of a graph (scheduled, fired or failed), oldest
+        first; at most ``limit`` of the many that retention keeps."""
+        result = await self._execute(
+            sa.select(cron_triggers)
+            .where(cron_triggers.c.namespace == namespace, cron_triggers.c.graph_name == graph_name)
+            .order_by(cron_triggers.c.trigger_time.desc(), cron_triggers.c.id.desc())
+            .limit(limit)
+        )
+        return [dict(row) for row in reversed(result.mappings().all())]
+
+    async def open_descendants(
+        self, run_id: str, identifier: str, group_id: str, limit: int
+    ) -> list[StateBrief]:
+        """States below a fan-in group that are still pending (what a join waits for)."""
+        pending = [StateStatus.CREATED.value, StateStatus.QUEUED.value, StateStatus.EXECUTED.value]
+        result = await self._execute(
+            sa.select(*StateBrief.columns())
+            .where(
+                states.c.run_id == run_id,
+                states.c.status.in_(pending),
+                states.c.groups[identifier].as_string() == group_id,
+            )
+            .order_by(states.c.created_at, states.c.id)
+            .limit(limit)
+        )
+        return [StateBrief.from_row(row) for row in result.mappings()]
+
+
+@dataclass
+class NodeCounts:
+    """A run's states of one identifier: count per status and fan-out members."""
+
+    statuses: dict[str, int]
+    fanout_members: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+
+@dataclass(frozen=True)
+class StateBrief:
+    """A state without its payloads (inputs, outputs, data): what a listing needs."""
+
+    id: str
+    identifier: str
+    node_name: str
+    status: str
+    error: str | None
+    group_id: str
+    retry_count: int
+    enqueue_after: int
+    claimed_at: int | None
+    lease_expires_at: int | None
+    created_at: int
+    updated_at: int
+
+    @classmethod
+    def columns(cls) -> list[sa.Column[Any]]:
+        return [states.c[f.name] for f in fields(cls)]
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> StateBrief:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class FaninGroup:
+    """A fan-in group: the states below one fan-out that a ``unites`` waits for."""
+
+    group_id: str
+    identifier: str
+    pending: int
+    failed: int
+    descendants: int
