@@ -65,7 +65,8 @@ class Metrics:
         )
         self.states = Gauge(
             "exosphere_states",
-            "States by namespace, node and status (sampled at scrape time).",
+            "States waiting (CREATED) or claimed (QUEUED), by namespace, node and status "
+            "(sampled at scrape time; finished states: exosphere_state_reports_total).",
             ["namespace", "node", "status"],
             registry=r,
         )

@@ -22,7 +22,8 @@ async def readiness_problem(ctx: Context) -> str | None:
 
 
 async def sample_gauges(ctx: Context) -> None:
-    """Refresh the gauges sampled at scrape time (states by status, claimable backlog).
+    """Refresh the gauges sampled at scrape time (states waiting or claimed, claimable
+    backlog); finished states are counted by the report counters instead.
 
     Counters stay scrapeable while the database is away; the sampled gauges are
     dropped (not left stale) and the outage shows as ``exosphere_database_up 0``.
@@ -32,7 +33,7 @@ async def sample_gauges(ctx: Context) -> None:
     metrics = ctx.metrics
     try:
         async with ctx.db.read() as tx:
-            counts = await tx.count_states()
+            counts = await tx.count_active_states()
             backlog = await tx.claimable_backlog(ctx.clock())
     except Exception as exc:
         logger.warning("metrics: cannot sample the database: %s", type(exc).__name__)

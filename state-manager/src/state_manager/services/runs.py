@@ -41,6 +41,10 @@ async def fire_due_trigger(ctx: Context) -> bool:
     """Fire one due cron record, if any, and record the next fire time. True if one fired."""
     now = ctx.clock()
     retention = ctx.settings.trigger_retention_hours * 3_600_000
+    async with ctx.db.read() as tx:
+        due = await tx.next_trigger_time()
+    if due is None or due > now:
+        return False  # nothing to claim: no write transaction
     async with ctx.db.write() as tx:
         record = await tx.claim_due_trigger(now)
         if record is None:

@@ -523,14 +523,20 @@ class Tx:
         )
         return [StateRow.from_row(row) for row in result.mappings()]
 
-    async def count_states(self) -> dict[tuple[str, str, str], int]:
-        """Count states by (namespace, node_name, status), for metrics."""
-        result = await self._execute(
-            sa.select(
-                states.c.namespace, states.c.node_name, states.c.status, sa.func.count()
-            ).group_by(states.c.namespace, states.c.node_name, states.c.status)
-        )
-        return {(ns, node, status): int(n) for ns, node, status, n in result}
+    async def count_active_states(self) -> dict[tuple[str, str, str], int]:
+        """Count waiting (CREATED) and claimed (QUEUED) states by (namespace, node_name,
+        status), for metrics. Both are read from partial indexes, so the cost follows
+        the work in flight, not the history kept."""
+        counts: dict[tuple[str, str, str], int] = {}
+        for status in (StateStatus.CREATED, StateStatus.QUEUED):
+            result = await self._execute(
+                sa.select(states.c.namespace, states.c.node_name, sa.func.count())
+                .where(states.c.status == status.value)
+                .group_by(states.c.namespace, states.c.node_name)
+            )
+            for namespace, node_name, count in result:
+                counts[(namespace, node_name, status.value)] = int(count)
+        return counts
 
     async def claimable_backlog(self, now: int) -> dict[tuple[str, str], int]:
         result = await self._execute(
@@ -575,6 +581,15 @@ class Tx:
 
     async def insert_trigger(self, values: Mapping[str, Any]) -> bool:
         return await self._insert_ignoring_conflict(cron_triggers, values)
+
+    async def next_trigger_time(self) -> int | None:
+        """When the earliest pending cron record is due (ms), if there is one."""
+        value = await self._scalar(
+            sa.select(sa.func.min(cron_triggers.c.trigger_time)).where(
+                cron_triggers.c.trigger_status == TriggerStatus.PENDING.value
+            )
+        )
+        return int(value) if value is not None else None
 
     async def claim_due_trigger(self, now: int) -> TriggerRow | None:
         candidate = (
