@@ -92,8 +92,11 @@ async def test_claim_is_oldest_first_and_respects_enqueue_after_and_nodes(db: Da
     async with db.write() as tx:
         claimed = await tx.claim("ns", ["Work"], 10, now=1_000, lease_until=9_000)
     assert [s.id for s in claimed] == [rows[1]["id"], rows[0]["id"]]
-    assert {s.status for s in claimed} == {StateStatus.QUEUED.value}
-    assert {s.lease_expires_at for s in claimed} == {9_000}
+    assert [(s.node_name, s.inputs) for s in claimed] == [("Work", {"x": "1"})] * 2
+    async with db.read() as tx:
+        stored = await tx.get_states(s.id for s in claimed)
+    assert {s.status for s in stored.values()} == {StateStatus.QUEUED.value}
+    assert {(s.lease_expires_at, s.claimed_at) for s in stored.values()} == {(9_000, 1_000)}
     async with db.write() as tx:
         assert await tx.claim("ns", ["Work"], 10, now=1_000, lease_until=9_000) == []
 

@@ -16,7 +16,7 @@ from state_manager.errors import InvalidRequest, StateManagerError
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context, iso
 from state_manager.services.ops import Errored, Executed, Heartbeat, Pruned, Requeued, StateOp
-from state_manager.store.queries import StateRow, TemplateRow
+from state_manager.store.queries import ClaimedRow, GraphStateRow, TemplateRow
 
 
 async def get_context(request: Request) -> Context:
@@ -166,7 +166,7 @@ async def enqueue_states(
     )
 
 
-def _enqueued(claimed: list[StateRow]) -> list[schemas.EnqueuedState]:
+def _enqueued(claimed: list[ClaimedRow]) -> list[schemas.EnqueuedState]:
     return [
         schemas.EnqueuedState(
             state_id=s.id,
@@ -353,7 +353,7 @@ async def run_summary(
     )
 
 
-def _graph_node(state: StateRow) -> schemas.GraphNode:
+def _graph_node(state: GraphStateRow) -> schemas.GraphNode:
     return schemas.GraphNode(
         id=state.id,
         node_name=state.node_name,
@@ -367,7 +367,7 @@ def _graph_node(state: StateRow) -> schemas.GraphNode:
 async def run_graph(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep
 ) -> schemas.RunGraphResponse:
-    found = await runs.run_states(ctx, namespace_name, run_id)
+    found = await runs.run_graph_states(ctx, namespace_name, run_id)
     ids = {s.id for s in found}
     edges = [
         schemas.GraphEdge(source=list(s.parents.values())[-1], target=s.id)

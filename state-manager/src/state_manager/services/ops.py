@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from state_manager.domain.models import StateStatus
 from state_manager.domain.transitions import Change
-from state_manager.store.queries import StateRow
+from state_manager.store.queries import ClaimedRow
 
 
 class Op[T]:
@@ -106,7 +106,7 @@ class Trigger(Op[str]):
 
 
 @dataclass(frozen=True, slots=True)
-class Claim(Op[list[StateRow]]):
+class Claim(Op[list[ClaimedRow]]):
     """Move up to ``limit`` claimable states of these nodes to QUEUED, oldest first."""
 
     namespace: str

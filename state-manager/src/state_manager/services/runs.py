@@ -14,7 +14,7 @@ from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import writes
 from state_manager.services.context import Context
 from state_manager.services.ops import Trigger
-from state_manager.store.queries import StateRow
+from state_manager.store.queries import GraphStateRow, StateRow
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +173,9 @@ async def run_summary(ctx: Context, namespace: str, run_id: str) -> RunSummary:
     )
 
 
-async def run_states(ctx: Context, namespace: str, run_id: str) -> list[StateRow]:
+async def run_graph_states(ctx: Context, namespace: str, run_id: str) -> list[GraphStateRow]:
     async with ctx.db.read() as tx:
-        return await tx.run_states(run_id, namespace)
+        return await tx.run_graph_states(run_id, namespace)
 
 
 async def node_details(
@@ -198,7 +198,7 @@ async def node_details(
     return state
 
 
-def summary_of(states: list[StateRow]) -> dict[str, Any]:
+def summary_of(states: list[GraphStateRow]) -> dict[str, Any]:
     """Count per status, with every status present."""
     summary = {status.value: 0 for status in StateStatus}
     for state in states:

@@ -32,7 +32,7 @@ from state_manager.services.ops import (
     Requeued,
     StateOp,
 )
-from state_manager.store.queries import StateRow, Tx
+from state_manager.store.queries import ClaimedRow, StateRow, Tx
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ async def enqueue(
     batch_size: int,
     wait_ms: int = 0,
     caller_gone: Callable[[], Awaitable[bool]] | None = None,
-) -> list[StateRow]:
+) -> list[ClaimedRow]:
     """Claim up to ``batch_size`` ready states, waiting up to ``wait_ms`` for one to appear.
 
     ``caller_gone`` is asked before every claim after a wait: a long poll whose client
@@ -96,7 +96,7 @@ async def exchange(
     reports: Sequence[StateOp[Any]],
     claim: ClaimRequest | None = None,
     caller_gone: Callable[[], Awaitable[bool]] | None = None,
-) -> tuple[list[Any], list[StateRow]]:
+) -> tuple[list[Any], list[ClaimedRow]]:
     """Apply several reports and claim in one transaction.
 
     Returns each report's outcome (a value, or the error refusing it) and the claimed
@@ -117,7 +117,7 @@ async def exchange(
         limit = min(claim.batch_size, ctx.settings.max_batch_size)
         ops.append(Claim(namespace, tuple(claim.nodes), limit))
     applied = await ctx.committer.submit_all(ops) if ops else []
-    claimed: list[StateRow] = []
+    claimed: list[ClaimedRow] = []
     if wanted:
         last = applied.pop()
         if isinstance(last, BaseException):

@@ -51,7 +51,13 @@ from state_manager.services.progress import (
     state_row,
     successor_rows,
 )
-from state_manager.store.queries import MUTABLE_STATE_COLUMNS, StateRow, TemplateRow, Tx
+from state_manager.store.queries import (
+    MUTABLE_STATE_COLUMNS,
+    ClaimedRow,
+    StateRow,
+    TemplateRow,
+    Tx,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -417,7 +423,7 @@ class _Batch:
 
     # -- claims -----------------------------------------------------------------------------
 
-    async def _claim(self, tx: Tx, op: Claim) -> list[StateRow]:
+    async def _claim(self, tx: Tx, op: Claim) -> list[ClaimedRow]:
         limit = min(op.limit, self.ctx.settings.max_batch_size)
         if limit <= 0 or not op.node_names:
             return []

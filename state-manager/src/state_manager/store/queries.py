@@ -83,6 +83,48 @@ _UPDATE_STATE = (
 
 
 @dataclass(frozen=True)
+class ClaimedRow:
+    """What a claim hands to a worker (and counts in metrics)."""
+
+    id: str
+    namespace: str
+    node_name: str
+    identifier: str
+    inputs: dict[str, Any]
+    enqueue_after: int
+    created_at: int
+
+    @classmethod
+    def columns(cls) -> list[sa.Column[Any]]:
+        return [states.c[f.name] for f in fields(cls)]
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> ClaimedRow:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class GraphStateRow:
+    """What a run graph shows of a state (no inputs or outputs)."""
+
+    id: str
+    node_name: str
+    identifier: str
+    graph_name: str
+    status: str
+    error: str | None
+    parents: dict[str, str]
+
+    @classmethod
+    def columns(cls) -> list[sa.Column[Any]]:
+        return [states.c[f.name] for f in fields(cls)]
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> GraphStateRow:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
 class TemplateRow:
     id: str
     namespace: str
@@ -466,7 +508,7 @@ class Tx:
 
     async def claim(
         self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
-    ) -> list[StateRow]:
+    ) -> list[ClaimedRow]:
         """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
         candidates = (
             sa.select(states.c.id)
@@ -489,9 +531,9 @@ class Tx:
                 lease_expires_at=lease_until,
                 updated_at=now,
             )
-            .returning(*states.c)
+            .returning(*ClaimedRow.columns())
         )
-        claimed = [StateRow.from_row(row) for row in result.mappings()]
+        claimed = [ClaimedRow.from_row(row) for row in result.mappings()]
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
         return claimed
 
@@ -514,6 +556,15 @@ class Tx:
             .limit(limit)
         )
         return [row[0] for row in result]
+
+    async def run_graph_states(self, run_id: str, namespace: str) -> list[GraphStateRow]:
+        """Every state of a run, oldest first, without payloads."""
+        result = await self._execute(
+            sa.select(*GraphStateRow.columns())
+            .where(states.c.run_id == run_id, states.c.namespace == namespace)
+            .order_by(states.c.created_at, states.c.id)
+        )
+        return [GraphStateRow.from_row(row) for row in result.mappings()]
 
     async def run_states(self, run_id: str, namespace: str) -> list[StateRow]:
         result = await self._execute(
