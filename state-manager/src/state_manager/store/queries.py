@@ -82,6 +82,39 @@ _UPDATE_STATE = (
 )
 
 
+def _ids(name: str = "ids") -> sa.BindParameter[Any]:
+    return sa.bindparam(name, expanding=True)
+
+
+# The statements of the hot paths (reports, claims, triggers), built once: building a
+# SQLAlchemy statement costs more than running it on SQLite.
+_STATES_BY_ID = sa.select(states).where(states.c.id.in_(_ids()))
+_LOCK_STATES = {
+    "sqlite": _STATES_BY_ID.order_by(states.c.id),
+    "postgresql": _STATES_BY_ID.order_by(states.c.id).with_for_update(),
+}
+_STATE_BY_ID = sa.select(states).where(states.c.id == sa.bindparam("id"))
+_INSERT_STATES = states.insert()
+_INSERT_STATES_UNLESS_EXIST = {
+    dialect: module.insert(states).on_conflict_do_nothing().returning(states.c.id)
+    for dialect, module in (("sqlite", sqlite_dialect), ("postgresql", pg_dialect))
+}
+_STORES = sa.select(store_entries).where(store_entries.c.run_id.in_(_ids()))
+_RUN_VERSIONS = sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(_ids()))
+_INSERT_RUNS = runs.insert()
+_INSERT_STORES = store_entries.insert()
+_CREATE_GROUPS = fanin_groups.insert()
+_ADJUST_GROUP = (
+    fanin_groups.update()
+    .where(fanin_groups.c.group_id == sa.bindparam("b_group_id"))
+    .values(
+        pending=fanin_groups.c.pending + sa.bindparam("d_pending"),
+        failed=fanin_groups.c.failed + sa.bindparam("d_failed"),
+    )
+    .returning(fanin_groups.c.pending, fanin_groups.c.failed)
+)
+
+
 @dataclass(frozen=True)
 class ClaimedRow:
     """What a claim hands to a worker (and counts in metrics)."""
@@ -122,6 +155,31 @@ class GraphStateRow:
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> GraphStateRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+_CLAIM_CANDIDATES = (
+    sa.select(states.c.id)
+    .where(
+        states.c.namespace == sa.bindparam("b_namespace"),
+        states.c.status == StateStatus.CREATED.value,
+        states.c.node_name.in_(_ids("b_node_names")),
+        states.c.enqueue_after <= sa.bindparam("b_now"),
+    )
+    .order_by(states.c.enqueue_after)
+    .limit(sa.bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM = (
+    states.update()
+    .where(states.c.id.in_(_CLAIM_CANDIDATES.scalar_subquery()))
+    .values(
+        status=StateStatus.QUEUED.value,
+        claimed_at=sa.bindparam("b_now"),
+        lease_expires_at=sa.bindparam("b_lease_until"),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(*ClaimedRow.columns())
+)
 
 
 @dataclass(frozen=True)
@@ -371,9 +429,7 @@ class Tx:
         found: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
         if not ids:
             return found
-        result = await self._execute(
-            sa.select(store_entries).where(store_entries.c.run_id.in_(ids))
-        )
+        result = await self._execute(_STORES, {"ids": ids})
         for row in result:
             found[row.run_id][row.key] = row.value
         return found
@@ -383,9 +439,7 @@ class Tx:
         ids = list(set(run_ids))
         if not ids:
             return {}
-        result = await self._execute(
-            sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(ids))
-        )
+        result = await self._execute(_RUN_VERSIONS, {"ids": ids})
         return {row.run_id: row.version_id for row in result}
 
     async def insert_runs(
@@ -393,9 +447,9 @@ class Tx:
     ) -> None:
         """Insert run records and their store entries (``run_id``, ``key``, ``value``)."""
         if rows:
-            await self._execute(runs.insert(), [dict(r) for r in rows])
+            await self._execute(_INSERT_RUNS, [dict(r) for r in rows])
         if stores:
-            await self._execute(store_entries.insert(), [dict(s) for s in stores])
+            await self._execute(_INSERT_STORES, [dict(s) for s in stores])
 
     async def count_runs(self, namespace: str) -> int:
         value = await self._scalar(
@@ -430,7 +484,7 @@ class Tx:
 
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            await self._execute(states.insert(), [dict(r) for r in rows])
+            await self._execute(_INSERT_STATES, [dict(r) for r in rows])
             self._note_work(rows)
 
     def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -439,7 +493,7 @@ class Tx:
                 self.work_namespaces.add(row["namespace"])
 
     async def get_state(self, state_id: str) -> StateRow | None:
-        result = await self._execute(sa.select(states).where(states.c.id == state_id))
+        result = await self._execute(_STATE_BY_ID, {"id": state_id})
         row = result.mappings().first()
         return StateRow.from_row(row) if row else None
 
@@ -447,7 +501,7 @@ class Tx:
         ids = list(set(state_ids))
         if not ids:
             return {}
-        result = await self._execute(sa.select(states).where(states.c.id.in_(ids)))
+        result = await self._execute(_STATES_BY_ID, {"ids": ids})
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
     async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]:
@@ -460,10 +514,7 @@ class Tx:
         ids = sorted(set(state_ids))
         if not ids:
             return {}
-        query = sa.select(states).where(states.c.id.in_(ids)).order_by(states.c.id)
-        if self.dialect == "postgresql":
-            query = query.with_for_update()
-        result = await self._execute(query)
+        result = await self._execute(_LOCK_STATES[self.dialect], {"ids": ids})
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
@@ -486,7 +537,7 @@ class Tx:
         """
         if not rows:
             return set()
-        statement = self._insert(states).on_conflict_do_nothing().returning(states.c.id)
+        statement = _INSERT_STATES_UNLESS_EXIST[self.dialect]
         result = await self._execute(statement, [dict(r) for r in rows])
         inserted = {row[0] for row in result}
         self._note_work(r for r in rows if r["id"] in inserted)
@@ -510,28 +561,15 @@ class Tx:
         self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
     ) -> list[ClaimedRow]:
         """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
-        candidates = (
-            sa.select(states.c.id)
-            .where(
-                states.c.namespace == namespace,
-                states.c.status == StateStatus.CREATED.value,
-                states.c.node_name.in_(list(node_names)),
-                states.c.enqueue_after <= now,
-            )
-            .order_by(states.c.enqueue_after)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
         result = await self._execute(
-            states.update()
-            .where(states.c.id.in_(candidates.scalar_subquery()))
-            .values(
-                status=StateStatus.QUEUED.value,
-                claimed_at=now,
-                lease_expires_at=lease_until,
-                updated_at=now,
-            )
-            .returning(*ClaimedRow.columns())
+            _CLAIM,
+            {
+                "b_namespace": namespace,
+                "b_node_names": list(node_names),
+                "b_now": now,
+                "b_limit": limit,
+                "b_lease_until": lease_until,
+            },
         )
         claimed = [ClaimedRow.from_row(row) for row in result.mappings()]
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
@@ -603,7 +641,7 @@ class Tx:
         """Open fan-in groups (``group_id``, ``run_id``, ``identifier``), counters at zero."""
         if rows:
             await self._execute(
-                fanin_groups.insert(), [{**row, "pending": 0, "failed": 0} for row in rows]
+                _CREATE_GROUPS, [{**row, "pending": 0, "failed": 0} for row in rows]
             )
 
     async def adjust_group(
@@ -611,10 +649,7 @@ class Tx:
     ) -> tuple[int, int] | None:
         """Add to a group's counters and return them (pending, failed) after the change."""
         result = await self._execute(
-            fanin_groups.update()
-            .where(fanin_groups.c.group_id == group_id)
-            .values(pending=fanin_groups.c.pending + pending, failed=fanin_groups.c.failed + failed)
-            .returning(fanin_groups.c.pending, fanin_groups.c.failed)
+            _ADJUST_GROUP, {"b_group_id": group_id, "d_pending": pending, "d_failed": failed}
         )
         row = result.first()
         return (int(row[0]), int(row[1])) if row else None
