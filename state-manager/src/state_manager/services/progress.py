@@ -25,7 +25,7 @@ from state_manager.domain.fingerprint import fingerprint
 from state_manager.domain.ids import new_object_id
 from state_manager.domain.models import NodeTemplate, StateStatus
 from state_manager.services.context import CompiledGraph
-from state_manager.store.queries import StateRow, Tx
+from state_manager.store.queries import StateCore, StateRow, Tx
 
 
 def state_row(
@@ -94,7 +94,7 @@ def state_row(
 
 
 def derived_row(
-    state: StateRow, graph: CompiledGraph, *, now: int, **overrides: Any
+    state: StateCore, graph: CompiledGraph, *, now: int, **overrides: Any
 ) -> dict[str, Any]:
     """A new state of ``state``'s node with the same inputs, parents and groups.
 

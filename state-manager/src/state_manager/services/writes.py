@@ -52,9 +52,8 @@ from state_manager.services.progress import (
     successor_rows,
 )
 from state_manager.store.queries import (
-    MUTABLE_STATE_COLUMNS,
     ClaimedRow,
-    StateRow,
+    StateCore,
     TemplateRow,
     Tx,
 )
@@ -86,11 +85,9 @@ async def start_run(ctx: Context, tx: Tx, op: Trigger) -> str:
     return run_id
 
 
-def _change(state: StateRow, **values: Any) -> dict[str, Any]:
-    """The mutable columns of ``state`` with ``values`` applied, ready for ``update_states``."""
-    change = {column: getattr(state, column) for column in MUTABLE_STATE_COLUMNS}
-    change.update(values, id=state.id, namespace=state.namespace)
-    return change
+def _change(state: StateCore, **values: Any) -> dict[str, Any]:
+    """A change to ``state`` (``values``: the columns it sets), ready for ``update_states``."""
+    return {**values, "id": state.id, "namespace": state.namespace}
 
 
 @dataclass
@@ -99,7 +96,7 @@ class _Accepted:
 
     index: int
     op: StateOp[Any]
-    state: StateRow
+    state: StateCore
 
 
 @dataclass
@@ -253,7 +250,7 @@ class _Batch:
             outcomes[item.index] = None
             self._count_report(state, "executed")
 
-    def _fail(self, state: StateRow, error: str) -> ErroredResult:
+    def _fail(self, state: StateCore, error: str) -> ErroredResult:
         """End an attempt in failure; create a delayed retry while the policy allows one."""
         graph = self.graphs[state.run_id]
         policy = graph.spec.retry_policy
@@ -287,7 +284,7 @@ class _Batch:
         self.ledger.add(state.groups, StateStatus.QUEUED, status)
         return ErroredResult(status=status, retry_created=retry_created)
 
-    def _prune(self, state: StateRow, data: dict[str, Any]) -> int:
+    def _prune(self, state: StateCore, data: dict[str, Any]) -> int:
         self.updates.append(
             _change(
                 state,
@@ -301,7 +298,7 @@ class _Batch:
         self._count_report(state, "pruned")
         return state.enqueue_after
 
-    def _requeue(self, state: StateRow, delay_ms: int) -> int:
+    def _requeue(self, state: StateCore, delay_ms: int) -> int:
         enqueue_at = self.now + delay_ms
         self.updates.append(
             _change(
@@ -349,7 +346,7 @@ class _Batch:
 
         self.optional.append((retry, inserted))
 
-    def _count_report(self, state: StateRow, kind: str) -> None:
+    def _count_report(self, state: StateCore, kind: str) -> None:
         metrics = self.ctx.metrics
         counter = metrics.reports.labels(state.namespace, state.node_name, kind)
         self.after_commit.append(counter.inc)
@@ -358,7 +355,7 @@ class _Batch:
             histogram = metrics.transition_seconds.labels(state.namespace, state.node_name)
             self.after_commit.append(lambda: histogram.observe(seconds))
 
-    def _lease_expired(self, state: StateRow) -> None:
+    def _lease_expired(self, state: StateCore) -> None:
         self.ctx.metrics.lease_expiries.labels(state.namespace, state.node_name).inc()
         logger.warning(
             "lease expired",
@@ -440,7 +437,7 @@ def _not_found() -> NotFound:
 
 
 def _members(
-    state: StateRow, outputs: list[dict[str, Any]], graph: CompiledGraph, now: int
+    state: StateCore, outputs: list[dict[str, Any]], graph: CompiledGraph, now: int
 ) -> list[dict[str, Any]]:
     """Rows for the executed state (first) and one sibling per extra output."""
     first = {

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -34,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from state_manager.errors import DatabaseNotMigrated
+from state_manager.store.hot import dumps_json
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
 
@@ -108,12 +110,19 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=0,
                 connect_args={"check_same_thread": False},
+                json_serializer=dumps_json,
+                json_deserializer=orjson.loads,
             )
             _configure_sqlite(engine)
             self.engine = engine
         else:
             self.engine = create_async_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                json_serializer=dumps_json,
+                json_deserializer=orjson.loads,
             )
 
     # -- transactions -----------------------------------------------------------------

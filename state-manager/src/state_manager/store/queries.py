@@ -6,9 +6,10 @@ from ``Database.write()`` or ``Database.read()`` and never see SQL.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
+from state_manager.store import hot
 from state_manager.store.tables import (
     cron_triggers,
     fanin_groups,
@@ -32,7 +34,9 @@ Rows = CursorResult[*tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
-class StateRow:
+class StateCore:
+    """A state without its payloads (``outputs``, ``data``): what a change needs to know."""
+
     id: str
     namespace: str
     node_name: str
@@ -41,8 +45,6 @@ class StateRow:
     run_id: str
     status: str
     inputs: dict[str, Any]
-    outputs: dict[str, Any]
-    data: dict[str, Any]
     error: str | None
     parents: dict[str, str]
     groups: dict[str, str]
@@ -59,8 +61,20 @@ class StateRow:
     updated_at: int
 
     @classmethod
-    def from_row(cls, row: Mapping[Any, Any]) -> StateRow:
+    def columns(cls) -> list[sa.Column[Any]]:
+        return [states.c[f.name] for f in fields(cls)]
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> Self:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class StateRow(StateCore):
+    """A whole state."""
+
+    outputs: dict[str, Any]
+    data: dict[str, Any]
 
 
 # The columns a state change may write; everything else is fixed at insert.
@@ -74,12 +88,6 @@ MUTABLE_STATE_COLUMNS = (
     "claimed_at",
     "updated_at",
 )
-_UPDATE_KEYS = ("id", *MUTABLE_STATE_COLUMNS)
-_UPDATE_STATE = (
-    states.update()
-    .where(states.c.id == sa.bindparam("b_id"))
-    .values({column: sa.bindparam(f"b_{column}") for column in MUTABLE_STATE_COLUMNS})
-)
 
 
 def _ids(name: str = "ids") -> sa.BindParameter[Any]:
@@ -89,12 +97,7 @@ def _ids(name: str = "ids") -> sa.BindParameter[Any]:
 # The statements of the hot paths (reports, claims, triggers), built once: building a
 # SQLAlchemy statement costs more than running it on SQLite.
 _STATES_BY_ID = sa.select(states).where(states.c.id.in_(_ids()))
-_LOCK_STATES = {
-    "sqlite": _STATES_BY_ID.order_by(states.c.id),
-    "postgresql": _STATES_BY_ID.order_by(states.c.id).with_for_update(),
-}
 _STATE_BY_ID = sa.select(states).where(states.c.id == sa.bindparam("id"))
-_INSERT_STATES = states.insert()
 _INSERT_STATES_UNLESS_EXIST = {
     dialect: module.insert(states).on_conflict_do_nothing().returning(states.c.id)
     for dialect, module in (("sqlite", sqlite_dialect), ("postgresql", pg_dialect))
@@ -155,31 +158,6 @@ class GraphStateRow:
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> GraphStateRow:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
-
-
-_CLAIM_CANDIDATES = (
-    sa.select(states.c.id)
-    .where(
-        states.c.namespace == sa.bindparam("b_namespace"),
-        states.c.status == StateStatus.CREATED.value,
-        states.c.node_name.in_(_ids("b_node_names")),
-        states.c.enqueue_after <= sa.bindparam("b_now"),
-    )
-    .order_by(states.c.enqueue_after)
-    .limit(sa.bindparam("b_limit"))
-    .with_for_update(skip_locked=True)
-)
-_CLAIM = (
-    states.update()
-    .where(states.c.id.in_(_CLAIM_CANDIDATES.scalar_subquery()))
-    .values(
-        status=StateStatus.QUEUED.value,
-        claimed_at=sa.bindparam("b_now"),
-        lease_expires_at=sa.bindparam("b_lease_until"),
-        updated_at=sa.bindparam("b_now"),
-    )
-    .returning(*ClaimedRow.columns())
-)
 
 
 @dataclass(frozen=True)
@@ -243,6 +221,27 @@ class Tx:
             result: Rows = await self.connection.execute(statement, parameters)
             return result
         return self.connection.execute(statement, parameters)
+
+    async def _driver(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        """Run hand-written SQL (:mod:`state_manager.store.hot`) on the driver itself."""
+        if isinstance(self.connection, AsyncConnection):
+            result = await self.connection.exec_driver_sql(sql, tuple(params))
+            return list(result) if result.returns_rows else []
+        cursor = self._sqlite().execute(sql, hot.sqlite_params(params))
+        rows: list[Sequence[Any]] = cursor.fetchall()
+        return rows
+
+    async def _driver_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if isinstance(self.connection, AsyncConnection):
+            await self.connection.exec_driver_sql(sql, [tuple(p) for p in params])
+        else:
+            self._sqlite().executemany(sql, [hot.sqlite_params(p) for p in params])
+
+    def _sqlite(self) -> sqlite3.Connection:
+        assert isinstance(self.connection, Connection)
+        driver = self.connection.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        return driver
 
     async def _scalar(self, statement: Any) -> Any:
         return (await self._execute(statement)).scalar()
@@ -484,12 +483,14 @@ class Tx:
 
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            await self._execute(_INSERT_STATES, [dict(r) for r in rows])
+            await self._driver_many(
+                hot.insert_states(self.dialect), [hot.state_params(r) for r in rows]
+            )
             self._note_work(rows)
 
     def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
-            if row["status"] == StateStatus.CREATED.value:
+            if row.get("status") == StateStatus.CREATED.value:
                 self.work_namespaces.add(row["namespace"])
 
     async def get_state(self, state_id: str) -> StateRow | None:
@@ -504,7 +505,7 @@ class Tx:
         result = await self._execute(_STATES_BY_ID, {"ids": ids})
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
-    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]:
+    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateCore]:
         """The states ``state_ids`` (those that exist), locked until the transaction ends.
 
         On PostgreSQL the rows are locked in id order, so two transactions locking
@@ -514,20 +515,21 @@ class Tx:
         ids = sorted(set(state_ids))
         if not ids:
             return {}
-        result = await self._execute(_LOCK_STATES[self.dialect], {"ids": ids})
-        return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
+        rows = await self._driver(hot.lock_states(self.dialect, len(ids)), ids)
+        return {row[0]: StateCore(**hot.core_values(row)) for row in rows}
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
-        """Write the mutable columns of several locked states in one statement.
+        """Write changes to several locked states, one statement per set of columns.
 
-        Each change holds ``id``, ``namespace`` and every column of
-        :data:`MUTABLE_STATE_COLUMNS`.
+        Each change holds ``id``, ``namespace`` and the columns it sets, all of them
+        among :data:`MUTABLE_STATE_COLUMNS`.
         """
-        if not changes:
-            return
-        await self._execute(
-            _UPDATE_STATE, [{f"b_{k}": change[k] for k in _UPDATE_KEYS} for change in changes]
-        )
+        shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for change in changes:
+            columns = tuple(c for c in MUTABLE_STATE_COLUMNS if c in change)
+            shapes.setdefault(columns, []).append(hot.update_params(columns, change))
+        for columns, params in shapes.items():
+            await self._driver_many(hot.update_states(self.dialect, columns), params)
         self._note_work(changes)
 
     async def insert_states_unless_exist(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -561,17 +563,11 @@ class Tx:
         self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
     ) -> list[ClaimedRow]:
         """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
-        result = await self._execute(
-            _CLAIM,
-            {
-                "b_namespace": namespace,
-                "b_node_names": list(node_names),
-                "b_now": now,
-                "b_limit": limit,
-                "b_lease_until": lease_until,
-            },
+        names = list(node_names)
+        rows = await self._driver(
+            hot.claim(self.dialect, len(names)), [now, lease_until, namespace, *names, limit]
         )
-        claimed = [ClaimedRow.from_row(row) for row in result.mappings()]
+        claimed = [ClaimedRow(**hot.claimed_values(row)) for row in rows]
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
         return claimed
 

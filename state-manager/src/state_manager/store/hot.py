@@ -1,0 +1,127 @@
+"""Hand-written SQL for the statements that every report and claim runs.
+
+Reports and claims are the server's hot path, and for them SQLAlchemy's statement
+handling (parameter processing, result rows, per-column type processors) costs more
+than the database itself does. These few statements are therefore written out once per
+dialect, sent to the driver as they are, and their rows converted here. The columns
+come from :mod:`state_manager.store.tables`, so a schema change that forgets them fails
+loudly. Everything else in :mod:`state_manager.store.queries` stays SQLAlchemy Core.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from state_manager.domain.models import StateStatus
+from state_manager.store.tables import states
+
+STATE_COLUMNS = tuple(column.name for column in states.columns)
+JSON_COLUMNS = frozenset(c.name for c in states.columns if isinstance(c.type, sa.JSON))
+# A state without its payloads: what a change to it needs (see queries.StateCore).
+CORE_COLUMNS = tuple(c for c in STATE_COLUMNS if c not in ("outputs", "data"))
+CLAIMED_COLUMNS = (
+    "id",
+    "namespace",
+    "node_name",
+    "identifier",
+    "inputs",
+    "enqueue_after",
+    "created_at",
+)
+
+
+def dumps_json(value: Any) -> str:
+    """JSON text of a column value (orjson, which keeps key order; the standard library
+    for what orjson refuses, such as integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
+def loads_json(value: Any) -> Any:
+    """A JSON column as read: text on SQLite, already decoded on PostgreSQL."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _marks(dialect: str, count: int) -> list[str]:
+    """Numbered placeholders (a number may appear several times in one statement);
+    SQLite takes them by name (see :func:`sqlite_params`)."""
+    prefix = ":p" if dialect == "sqlite" else "$"
+    return [f"{prefix}{i}" for i in range(1, count + 1)]
+
+
+def sqlite_params(params: Sequence[Any]) -> dict[str, Any]:
+    """Positional parameters as the named ones of :func:`_marks` on SQLite."""
+    return {f"p{i}": value for i, value in enumerate(params, 1)}
+
+
+def state_params(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A new state's values in :data:`STATE_COLUMNS` order, JSON columns as text."""
+    return tuple(dumps_json(row[c]) if c in JSON_COLUMNS else row[c] for c in STATE_COLUMNS)
+
+
+@functools.cache
+def insert_states(dialect: str) -> str:
+    marks = ", ".join(_marks(dialect, len(STATE_COLUMNS)))
+    return f"INSERT INTO states ({', '.join(STATE_COLUMNS)}) VALUES ({marks})"
+
+
+@functools.cache
+def lock_states(dialect: str, count: int) -> str:
+    """The payload-free columns of ``count`` states by id, locked on PostgreSQL."""
+    sql = (
+        f"SELECT {', '.join(CORE_COLUMNS)} FROM states "
+        f"WHERE id IN ({', '.join(_marks(dialect, count))}) ORDER BY id"
+    )
+    return sql + (" FOR UPDATE" if dialect == "postgresql" else "")
+
+
+def core_values(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of :func:`lock_states` as keyword arguments of ``StateCore``."""
+    values = dict(zip(CORE_COLUMNS, row, strict=True))
+    for column in JSON_COLUMNS.intersection(values):
+        values[column] = loads_json(values[column])
+    values["does_unites"] = bool(values["does_unites"])
+    return values
+
+
+@functools.cache
+def update_states(dialect: str, columns: tuple[str, ...]) -> str:
+    """``UPDATE states SET <columns> WHERE id = <last parameter>``."""
+    marks = _marks(dialect, len(columns) + 1)
+    sets = ", ".join(f"{column} = {mark}" for column, mark in zip(columns, marks, strict=False))
+    return f"UPDATE states SET {sets} WHERE id = {marks[-1]}"
+
+
+def update_params(columns: tuple[str, ...], change: Mapping[str, Any]) -> tuple[Any, ...]:
+    values = [dumps_json(change[c]) if c in JSON_COLUMNS else change[c] for c in columns]
+    return (*values, change["id"])
+
+
+@functools.cache
+def claim(dialect: str, node_count: int) -> str:
+    """Move up to a limit of claimable states of some nodes to QUEUED, returning what a
+    worker receives. Parameters: now, lease until, namespace, node names..., limit."""
+    now, lease_until, namespace, *nodes, limit = _marks(dialect, node_count + 4)
+    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    return (
+        f"UPDATE states SET status = '{StateStatus.QUEUED.value}', claimed_at = {now}, "
+        f"lease_expires_at = {lease_until}, updated_at = {now} "
+        f"WHERE id IN (SELECT id FROM states WHERE namespace = {namespace} "
+        f"AND status = '{StateStatus.CREATED.value}' AND node_name IN ({', '.join(nodes)}) "
+        f"AND enqueue_after <= {now} ORDER BY enqueue_after LIMIT {limit}{lock}) "
+        f"RETURNING {', '.join(CLAIMED_COLUMNS)}"
+    )
+
+
+def claimed_values(row: Sequence[Any]) -> dict[str, Any]:
+    values = dict(zip(CLAIMED_COLUMNS, row, strict=True))
+    values["inputs"] = loads_json(values["inputs"])
+    return values
