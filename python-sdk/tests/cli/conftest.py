@@ -1,0 +1,166 @@
+"""Fixtures of the CLI tests: the ``exosphere`` console script as a real process, a real
+worker process (our ``Runtime``) per namespace, on the SDK tests' real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from exospherehost.cli import cli
+from sm_support import ServerProcess, unique_namespace
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "cli_worker.py"
+# The console script `uv sync` installs next to the interpreter.
+EXOSPHERE = Path(sys.executable).parent / "exosphere"
+# Settings the CLI reads from the environment; tests set them explicitly.
+CLI_VARIABLES = ("EXOSPHERE_STATE_MANAGER_URI", "EXOSPHERE_API_KEY", "EXOSPHERE_NAMESPACE")
+
+
+@dataclass
+class Result:
+    """What one ``exosphere`` process did."""
+
+    args: tuple[str, ...]
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def __str__(self) -> str:
+        return f"exosphere {' '.join(self.args)} -> {self.code}\n{self.stdout}\n{self.stderr}"
+
+
+def cli_env(server: ServerProcess | None, namespace: str | None, **extra: str) -> dict[str, str]:
+    """The environment of a CLI process: settings of ``server`` and ``namespace`` only."""
+    env = {k: v for k, v in os.environ.items() if k not in CLI_VARIABLES}
+    env["NO_COLOR"] = "1"
+    if server is not None:
+        env["EXOSPHERE_STATE_MANAGER_URI"] = server.base_url
+        env["EXOSPHERE_API_KEY"] = server.key
+    if namespace is not None:
+        env["EXOSPHERE_NAMESPACE"] = namespace
+    env.update(extra)
+    return env
+
+
+def run_exosphere(
+    *args: str, env: dict[str, str], stdin: str | None = None, cwd: Path | None = None
+) -> Result:
+    assert EXOSPHERE.is_file(), f"{EXOSPHERE} is missing: run `uv sync`"
+    done = subprocess.run(
+        [str(EXOSPHERE), *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+    return Result(args, done.returncode, done.stdout, done.stderr)
+
+
+def invoke_in_process(*args: str, env: dict[str, str], stdin: str | None = None) -> Result:
+    """The same command run inside this process (no interpreter start-up): for checks
+    of options, formats and messages; the end-to-end tests use :func:`run_exosphere`."""
+    unset: dict[str, str | None] = dict.fromkeys(CLI_VARIABLES)
+    runner = CliRunner(env={**unset, **env})
+    done = runner.invoke(cli, list(args), input=stdin, prog_name="exosphere")
+    if done.exception is not None and not isinstance(done.exception, SystemExit):
+        raise done.exception
+    return Result(args, done.exit_code, done.stdout, done.stderr)
+
+
+Exosphere = Callable[..., Result]
+
+
+@dataclass
+class Worker:
+    """A worker process serving the test nodes in ``namespace``."""
+
+    namespace: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_worker(server: ServerProcess, namespace: str, log: Path) -> Worker:
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(WORKER), namespace],
+            env=server.client_env(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    worker = Worker(namespace, process, log)
+    with httpx.Client(base_url=server.base_url, headers=server.headers) as http:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            nodes = http.get(f"/v0/namespace/{namespace}/nodes/")
+            if nodes.status_code == 200 and nodes.json()["count"] == 3:
+                return worker
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+    stop_worker(worker)
+    raise TimeoutError(f"the CLI test worker did not register:\n{log.read_text()}")
+
+
+def stop_worker(worker: Worker) -> None:
+    if worker.process.poll() is None:
+        worker.process.send_signal(signal.SIGTERM)
+        try:
+            worker.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+
+
+@pytest.fixture(scope="module")
+def worker(sm_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One worker per test module, in a namespace of its own."""
+    log = tmp_path_factory.mktemp("cli-worker") / "worker.log"
+    started = start_worker(sm_server, unique_namespace("cli"), log)
+    yield started
+    stop_worker(started)
+    assert started.process.returncode == 0, started.log.read_text()
+
+
+@pytest.fixture
+def exosphere(sm_server: ServerProcess, worker: Worker) -> Exosphere:
+    """``exosphere(*args, **env)``: run the CLI against the server, in the worker's
+    namespace (through EXOSPHERE_NAMESPACE)."""
+
+    def run(*args: str, stdin: str | None = None, cwd: Path | None = None, **env: str) -> Result:
+        return run_exosphere(
+            *args, env=cli_env(sm_server, worker.namespace, **env), stdin=stdin, cwd=cwd
+        )
+
+    return run
+
+
+@pytest.fixture
+def exosphere_here(sm_server: ServerProcess, worker: Worker) -> Exosphere:
+    """Like ``exosphere``, in this process (see :func:`invoke_in_process`)."""
+
+    def run(*args: str, stdin: str | None = None, **env: str) -> Result:
+        settings = {
+            "EXOSPHERE_STATE_MANAGER_URI": sm_server.base_url,
+            "EXOSPHERE_API_KEY": sm_server.key,
+            "EXOSPHERE_NAMESPACE": worker.namespace,
+            **env,
+        }
+        return invoke_in_process(*args, env=settings, stdin=stdin)
+
+    return run
