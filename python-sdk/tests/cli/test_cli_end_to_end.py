@@ -9,6 +9,9 @@ Each flow runs the console script as a real process (``exosphere``); the checks 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import pytest
 import yaml
 from cli_worker import FAILURE
 from conftest import (
+    EXOSPHERE,
     Exosphere,
     Worker,
     cli_env,
@@ -489,6 +493,49 @@ def test_trigger_without_wait_and_inputs(exosphere_here: Exosphere, tmp_path: Pa
     assert one_line_error(refused.stderr) == (
         "error: the state manager refused (HTTP 400): Missing store keys: name"
     )
+
+
+def read_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``command`` with stdout and stderr on a pseudo-terminal; what it wrote there."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=60), b"".join(chunks).decode()
+
+
+def test_progress_and_colour_only_on_a_terminal(
+    exosphere: Exosphere,
+    exosphere_here: Exosphere,
+    sm_server: ServerProcess,
+    worker: Worker,
+    tmp_path: Path,
+) -> None:
+    apply_hello(exosphere_here, tmp_path)
+    env = cli_env(sm_server, worker.namespace)
+    del env["NO_COLOR"]
+    args = ["run", "trigger", "hello", "--store", "name=Ada", "--wait"]
+    code, screen = read_terminal([str(EXOSPHERE), *args], env)
+    assert code == 0, screen
+    assert "\r\x1b[K[" in screen  # the progress line, redrawn in place
+    assert "states  \x1b[32mSUCCESS\x1b[0m 1" in screen
+    assert "\x1b[32mSUCCESS\x1b[0m  (\x1b[32mSUCCESS\x1b[0m 1)" in screen  # the summary, coloured
+
+    piped = run_exosphere(*args, env=env)
+    assert piped.code == 0
+    assert "\x1b" not in piped.stdout + piped.stderr  # neither colour nor progress
+    assert piped.stderr == f"run {piped.stdout.strip()}: SUCCESS  (SUCCESS 1)\n"
 
 
 # --- nodes ------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ def plain(text: str) -> str:
 def paint_status(text: str) -> str:
     """``text`` in the colour of the status it names (click strips it off a terminal)."""
     colour = _COLOURS.get(text)
-    return click.style(text, fg=colour, bold=colour == "red") if colour else text
+    if colour is None:
+        return text
+    return click.style(text, fg=colour, bold=True if colour == "red" else None)
 
 
 class Output:
