@@ -96,10 +96,18 @@ class Worker:
     log: Path
 
 
-def start_worker(server: ServerProcess, namespace: str, log: Path) -> Worker:
+def start_worker(
+    server: ServerProcess,
+    namespace: str,
+    log: Path,
+    command: list[str] | None = None,
+    nodes: int = 3,
+) -> Worker:
+    """Start a worker process (default: ``cli_worker.py`` for ``namespace``) and wait
+    until ``nodes`` node types are registered in ``namespace``."""
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, str(WORKER), namespace],
+            command or [sys.executable, str(WORKER), namespace],
             env=server.client_env(),
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -108,8 +116,8 @@ def start_worker(server: ServerProcess, namespace: str, log: Path) -> Worker:
     with httpx.Client(base_url=server.base_url, headers=server.headers) as http:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            nodes = http.get(f"/v0/namespace/{namespace}/nodes/")
-            if nodes.status_code == 200 and nodes.json()["count"] == 3:
+            registered = http.get(f"/v0/namespace/{namespace}/nodes/")
+            if registered.status_code == 200 and registered.json()["count"] >= nodes:
                 return worker
             assert process.poll() is None, log.read_text()
             time.sleep(0.1)

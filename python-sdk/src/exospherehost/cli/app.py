@@ -23,7 +23,7 @@ from click.shell_completion import get_completion_class
 
 from .._version import VERSION
 from ..errors import ApiError, GraphValidationError, GraphValidationTimeout
-from ..models import RunDetails, RunStatus
+from ..models import RegisteredNode, RunDetails, RunStatus
 from ..statemanager import StateManager
 from . import graphfile
 from .errors import CliError, ExitCode, describe_failure, validation_details
@@ -287,6 +287,7 @@ class ApplyResult:
     "timeout_s",
     default="60s",
     show_default=True,
+    metavar="DURATION",
     callback=duration,
     help="How long to wait for the server to validate each graph.",
 )
@@ -437,19 +438,7 @@ async def graph_get(session: Session, name: str) -> ExitCode:
 async def graph_list(session: Session) -> ExitCode:
     """List the graphs of the namespace with their validation status."""
     client = session.client()
-    templates = await client.list_graphs()
-    graphs: list[dict[str, Any]] = [
-        {
-            "name": t.get("name"),
-            "validation_status": t.get("validation_status"),
-            "validation_errors": t.get("validation_errors") or [],
-            "node_count": len(t.get("nodes") or []),
-            "secrets": sorted(t.get("secrets") or {}),
-            "triggers": [trigger["value"]["expression"] for trigger in t.get("triggers") or []],
-            "updated_at": t.get("updated_at"),
-        }
-        for t in templates
-    ]
+    graphs = [graph_entry(template) for template in await client.list_graphs()]
     out = session.out
     if out.json_mode:
         out.data({"namespace": client.namespace, "graphs": graphs})
@@ -469,6 +458,19 @@ async def graph_list(session: Session) -> ExitCode:
     ]
     out.line(table(["NAME", "STATUS", "NODES", "CRON", "UPDATED"], rows, paint_status))
     return ExitCode.OK
+
+
+def graph_entry(template: dict[str, Any]) -> dict[str, Any]:
+    """One graph in ``graph list -o json``, from a template of ``GET /graphs/``."""
+    return {
+        "name": template.get("name"),
+        "validation_status": template.get("validation_status"),
+        "validation_errors": template.get("validation_errors") or [],
+        "node_count": len(template.get("nodes") or []),
+        "secrets": sorted(template.get("secrets") or {}),
+        "triggers": [t["value"]["expression"] for t in template.get("triggers") or []],
+        "updated_at": template.get("updated_at"),
+    }
 
 
 @graph.command(
@@ -545,18 +547,11 @@ async def run_trigger(
     delay_ms = round((start_delay or 0) * 1000)
     answer = await client.trigger(graph_name, inputs=inputs, store=store, start_delay=delay_ms)
     run_id = str(answer["run_id"])
-    document: dict[str, Any] = {
-        "run_id": run_id,
-        "graph_name": graph_name,
-        "namespace": client.namespace,
-        "run": None,
-        "failed_states": [],
-    }
     if not out.json_mode:
         out.line(run_id)
     if not (wait or timeout_s is not None):
         if out.json_mode:
-            out.data(document)
+            out.data(trigger_document(run_id, graph_name, client.namespace, None, []))
         return ExitCode.OK
     details, timed_out = await wait_for(client, out, run_id, timeout_s)
     failed: list[dict[str, Any]] = []
@@ -566,9 +561,8 @@ async def run_trigger(
         failed = [
             state_json(s, parents.get(s.id)) for s in view.nodes if s.status in FAILED_STATUSES
         ]
-    document.update(run=details.model_dump(mode="json"), failed_states=failed)
     if out.json_mode:
-        out.data(document)
+        out.data(trigger_document(run_id, graph_name, client.namespace, details, failed))
     else:
         summary = count_summary(details.counts, paint_status)
         out.note(f"run {run_id}: {paint_status(details.status.value)}  ({summary})")
@@ -585,6 +579,23 @@ async def run_trigger(
     if timed_out:
         return ExitCode.TIMEOUT
     return ExitCode.OK if details.status is RunStatus.SUCCESS else ExitCode.FAILED
+
+
+def trigger_document(
+    run_id: str,
+    graph_name: str,
+    namespace: str,
+    details: RunDetails | None,
+    failed_states: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``run trigger -o json`` document (``run`` is ``None`` without ``--wait``)."""
+    return {
+        "run_id": run_id,
+        "graph_name": graph_name,
+        "namespace": namespace,
+        "run": details.model_dump(mode="json") if details is not None else None,
+        "failed_states": failed_states,
+    }
 
 
 async def wait_for(
@@ -749,23 +760,7 @@ async def nodes_list(session: Session) -> ExitCode:
     registered = await client.list_nodes()
     out = session.out
     if out.json_mode:
-        out.data(
-            {
-                "namespace": client.namespace,
-                "nodes": [
-                    {
-                        "name": node.name,
-                        "runtime_name": node.runtime_name,
-                        "inputs": node.input_fields,
-                        "outputs": node.output_fields,
-                        "secrets": node.secrets,
-                        "inputs_schema": node.inputs_schema,
-                        "outputs_schema": node.outputs_schema,
-                    }
-                    for node in registered
-                ],
-            }
-        )
+        out.data({"namespace": client.namespace, "nodes": [node_entry(n) for n in registered]})
         return ExitCode.OK
     if not registered:
         out.note(f"no nodes registered in namespace {client.namespace}")
@@ -782,6 +777,19 @@ async def nodes_list(session: Session) -> ExitCode:
     ]
     out.line(table(["NAME", "RUNTIME", "INPUTS", "OUTPUTS", "SECRETS"], rows))
     return ExitCode.OK
+
+
+def node_entry(node: RegisteredNode) -> dict[str, Any]:
+    """One node type in ``nodes list -o json``."""
+    return {
+        "name": node.name,
+        "runtime_name": node.runtime_name,
+        "inputs": node.input_fields,
+        "outputs": node.output_fields,
+        "secrets": node.secrets,
+        "inputs_schema": node.inputs_schema,
+        "outputs_schema": node.outputs_schema,
+    }
 
 
 # --- shell completion -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import httpx
 
 from ..errors import ApiError
 
-__all__ = ["CliError", "ExitCode", "describe_failure"]
+__all__ = ["ERROR_KINDS", "CliError", "ExitCode", "describe_failure", "validation_details"]
 
 
 class ExitCode(IntEnum):
@@ -29,23 +29,35 @@ class ExitCode(IntEnum):
     """Ctrl-C while waiting; what was started on the server goes on."""
 
 
-class CliError(Exception):
-    """A failure to report as one line (plus ``details``) and an exit code.
+# The ``kind`` of a failure, a stable word for scripts (documented in docs/cli.md).
+ERROR_KINDS = (
+    "unreachable",
+    "unauthorized",
+    "not_found",
+    "refused",
+    "invalid_request",
+    "server_error",
+    "invalid_file",
+    "usage",
+    "interrupted",
+)
 
-    ``kind`` is a stable word for scripts (in ``-o json`` output): ``unreachable``,
-    ``unauthorized``, ``not_found``, ``refused``, ``invalid_request``, ``server_error``,
-    ``invalid_file``, ``usage``, ``failed``.
-    """
+
+class CliError(Exception):
+    """A failure to report as one line (plus ``details``) and an exit code; ``kind`` is
+    one of :data:`ERROR_KINDS`."""
 
     def __init__(
         self,
         message: str,
         *,
-        kind: str = "failed",
+        kind: str,
         code: ExitCode = ExitCode.FAILED,
         details: list[str] | None = None,
         status_code: int | None = None,
     ) -> None:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
         super().__init__(message)
         self.message = message
         self.kind = kind
