@@ -2,7 +2,7 @@
 nodes from a terminal or a CI script. See ``docs/cli.md``.
 
 Run it as ``exosphere ...`` or ``python -m exospherehost.cli ...``. Importing
-:mod:`exospherehost` does not import this package or its dependencies (click, PyYAML).
+:mod:`exospherehost` does not import this package.
 """
 
 from .app import cli, main
