@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from conftest import EXOSPHERE, cli_env, run_exosphere, start_worker, stop_worker
+from cli_support import EXOSPHERE, cli_env, run_exosphere, start_worker, stop_worker
 from exospherehost.cli import cli
 from exospherehost.cli.app import ApplyResult, graph_entry, node_entry, trigger_document
 from exospherehost.cli.errors import ERROR_KINDS, CliError, ExitCode

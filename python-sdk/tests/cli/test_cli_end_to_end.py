@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_worker import FAILURE
-from conftest import (
+from cli_support import (
     EXOSPHERE,
     Exosphere,
     Worker,
@@ -28,6 +27,7 @@ from conftest import (
     start_worker,
     stop_worker,
 )
+from cli_worker import FAILURE
 from sm_support import ServerProcess, free_port, unique_namespace
 
 # Every part of the format: secrets, store config, retry policy, cron, next nodes, unites.
