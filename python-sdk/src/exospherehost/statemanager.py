@@ -20,7 +20,7 @@ from typing import Any, Self
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status
-from .errors import ApiError, GraphValidationError, GraphValidationTimeout
+from .errors import ApiError, GraphValidationError, GraphValidationTimeout, UnexpectedResponse
 from .models import (
     CronTrigger,
     GraphNodeModel,
@@ -160,7 +160,7 @@ class StateManager:
         body = _as_dict(await self._call("GET", api.url("graphs", trailing_slash=True)))
         templates = body.get("templates", [])
         if not isinstance(templates, list):
-            raise ValueError(f"expected a list of templates, got {templates!r}")
+            raise UnexpectedResponse(f"expected a list of templates, got {templates!r}")
         return [_as_dict(template) for template in templates]
 
     async def list_nodes(self) -> list[RegisteredNode]:
@@ -333,5 +333,12 @@ class StateManager:
 
 def _as_dict(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise ValueError(f"expected a JSON object from the state manager, got {body!r}")
+        raise UnexpectedResponse(
+            f"expected a JSON object from the state manager, got {_excerpt(body)}"
+        )
     return body
+
+
+def _excerpt(body: Any, limit: int = 80) -> str:
+    text = " ".join(repr(body).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

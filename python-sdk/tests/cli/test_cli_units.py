@@ -12,6 +12,7 @@ from typing import Any
 import click
 import httpx
 import jsonschema
+import pydantic
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -20,7 +21,7 @@ from exospherehost.cli import graphfile as gf
 from exospherehost.cli.errors import ExitCode, describe_failure
 from exospherehost.cli.output import count_summary, progress_line, run_tree, table
 from exospherehost.cli.values import parse_duration, parse_pairs
-from exospherehost.errors import ApiError
+from exospherehost.errors import ApiError, UnexpectedResponse
 from exospherehost.models import RunDetails, RunGraph
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -70,6 +71,16 @@ def test_schema_rejects_what_the_parser_rejects() -> None:
 
 
 # --- parsing ----------------------------------------------------------------------------
+
+
+def test_a_json_file_may_name_its_schema() -> None:
+    text = json.dumps(
+        {"$schema": "../docs/graph-file.schema.json", "name": "g",
+         "nodes": [{"identifier": "a", "node_name": "A"}]}
+    )  # fmt: skip
+    graph = gf.parse(source(text, is_json=True))
+    assert isinstance(graph, gf.GraphFile)
+    assert gf.to_data(graph)["$schema"] == "../docs/graph-file.schema.json"
 
 
 def test_syntax_and_shape_problems() -> None:
@@ -443,7 +454,13 @@ def test_api_failures_are_one_line_each() -> None:
         (
             api_error(503, "<html>busy</html>"),
             "server_error",
-            "the state manager failed (HTTP 503): <html>busy</html>",
+            "the state manager failed (HTTP 503) without a JSON body (a proxy in between, "
+            f"or another program at {URI}?)",
+        ),
+        (
+            api_error(500, {"detail": "Internal Server Error"}),
+            "server_error",
+            "the state manager failed (HTTP 500): Internal Server Error",
         ),
     ]
     for exc, kind, message in cases:
@@ -451,6 +468,31 @@ def test_api_failures_are_one_line_each() -> None:
         assert failure is not None
         assert (failure.kind, failure.message, failure.code) == (kind, message, ExitCode.FAILED)
         assert failure.as_json()["error"]["status_code"] == exc.status_code
+
+
+def test_answers_of_something_else_than_a_state_manager() -> None:
+    html = api_error(404, "<!DOCTYPE HTML>\n<html>\n<body>File not found</body>\n</html>")
+    failure = describe_failure(html, URI)
+    assert failure is not None and failure.kind == "unexpected_answer"
+    assert failure.message == (
+        f"{URI} answered HTTP 404 to GET /v0/namespace/ns/graph/g without a JSON body; "
+        "is it an Exosphere state manager?"
+    )
+    wrong_shape = describe_failure(UnexpectedResponse("expected a JSON object, got 'x'"), URI)
+    assert wrong_shape is not None and wrong_shape.message == (
+        f"unexpected answer from {URI}; is it an Exosphere state manager? "
+        "(expected a JSON object, got 'x')"
+    )
+    with pytest.raises(pydantic.ValidationError) as invalid:
+        RunDetails.model_validate({"run_id": "r"})
+    missing_fields = describe_failure(invalid.value, URI)
+    assert missing_fields is not None and "validation errors for RunDetails)" in (
+        missing_fields.message
+    )
+    # Whatever a message quotes, it stays one line.
+    multi = describe_failure(api_error(400, {"detail": "first\n  second\nthird"}), URI)
+    assert multi is not None
+    assert multi.message == "the state manager refused (HTTP 400): first second third"
 
 
 def test_network_failures_use_the_system_words() -> None:

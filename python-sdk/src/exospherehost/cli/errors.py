@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from enum import IntEnum
 from typing import Any
 
 import httpx
+import pydantic
 
-from ..errors import ApiError
+from ..errors import ApiError, UnexpectedResponse
 
 __all__ = ["ERROR_KINDS", "CliError", "ExitCode", "describe_failure", "validation_details"]
 
@@ -38,6 +40,7 @@ ERROR_KINDS = (
     "invalid_request",
     "server_error",
     "invalid_file",
+    "unexpected_answer",
     "usage",
     "interrupted",
 )
@@ -58,6 +61,7 @@ class CliError(Exception):
     ) -> None:
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
+        message = re.sub(r"\s*\n\s*", " ", message.strip())  # one line, whatever it quotes
         super().__init__(message)
         self.message = message
         self.kind = kind
@@ -82,6 +86,11 @@ def describe_failure(exc: BaseException, uri: str) -> CliError | None:
     else (a bug, which should surface as such)."""
     if isinstance(exc, ApiError):
         return _api_error(exc, uri)
+    if isinstance(exc, UnexpectedResponse | pydantic.ValidationError):
+        return CliError(
+            f"unexpected answer from {uri}; is it an Exosphere state manager? ({_first(exc)})",
+            kind="unexpected_answer",
+        )
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return CliError(
             f"invalid state manager URI {uri!r}: {exc} (expected http://host:port)",
@@ -116,9 +125,28 @@ def _reason(exc: BaseException) -> str:
     return text[0].lower() + text[1:] if text else type(exc).__name__
 
 
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _api_error(exc: ApiError, uri: str) -> CliError:
     status = exc.status_code
     detail = exc.detail
+    if not isinstance(exc.body, dict) and status >= 500:
+        return CliError(
+            f"the state manager failed (HTTP {status}) without a JSON body "
+            f"(a proxy in between, or another program at {uri}?)",
+            kind="server_error",
+            status_code=status,
+        )
+    if not isinstance(exc.body, dict):
+        return CliError(
+            f"{uri} answered HTTP {status} to {exc.method} {exc.url} without a JSON body; "
+            "is it an Exosphere state manager?",
+            kind="unexpected_answer",
+            status_code=status,
+        )
     if status == 401:
         return CliError(
             f"the state manager at {uri} refused the API key (HTTP 401); "
