@@ -164,7 +164,13 @@ def execute(out: Output, uri: str, body: Callable[[], Awaitable[ExitCode]]) -> i
         out.error(error)
         return int(error.code)
     except KeyboardInterrupt:
-        out.error(CliError("interrupted", kind="interrupted", code=ExitCode.INTERRUPTED))
+        out.error(
+            CliError(
+                "interrupted; what was started on the server goes on",
+                kind="interrupted",
+                code=ExitCode.INTERRUPTED,
+            )
+        )
         return int(ExitCode.INTERRUPTED)
     except Exception as exc:
         failure = describe_failure(exc, uri)
