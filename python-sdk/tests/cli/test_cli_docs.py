@@ -129,9 +129,9 @@ def test_cli_doc_walkthrough_runs(sm_server: ServerProcess, tmp_path: Path) -> N
     out = done.stdout.splitlines()
     assert out[0].split() == ["NAME", "RUNTIME", "INPUTS", "OUTPUTS", "SECRETS"]
     assert "hello (namespace hello-world, examples/hello_world/graph.yaml): VALID" in out
-    assert "hello (namespace hello-world, hello.yaml): CHECKED" in out
-    assert out[-1] == "hello"  # the graph name read from `run show -o json`
-    assert (tmp_path / "hello.yaml").read_text().startswith("name: hello\n")
+    assert (tmp_path / "hello.yaml").read_text().startswith("name: hello\nnamespace: hello-world\n")
+    assert out[-8].startswith("run ") and out[-7] == "graph      hello"  # run show's header
+    assert out[-1].startswith("greet (Greet)  ")  # its one state
     assert "SUCCESS" in done.stderr and "Traceback" not in done.stderr
 
 
