@@ -143,8 +143,8 @@ def test_apply_valid_then_get_round_trips(
     # What `get` prints, `apply` accepts (the secret's value from the variable it names),
     # and the stored graph is unchanged: YAML from a file, JSON from stdin.
     again = write(tmp_path / "again.yaml", got.stdout)
-    assert exosphere("graph", "apply", "-f", str(again), API_TOKEN="t0ken").code == 0
-    assert exosphere("graph", "get", "full").stdout == got.stdout
+    assert exosphere_here("graph", "apply", "-f", str(again), API_TOKEN="t0ken").code == 0
+    assert exosphere_here("graph", "get", "full").stdout == got.stdout
     as_json = exosphere_here("graph", "get", "full", "-o", "json")
     assert as_json.json() == document
     piped = exosphere_here(
@@ -354,7 +354,7 @@ def test_trigger_wait_success(backend: str, request: pytest.FixtureRequest, tmp_
         assert run["counts"]["SUCCESS"] == 3
         assert set(run["counts"]) >= {"CREATED", "QUEUED", "ERRORED", "RETRY_CREATED"}
 
-        text = run_exosphere("run", "trigger", "full", "--store", "name=Bo", "--wait", env=env)
+        text = invoke_in_process("run", "trigger", "full", "--store", "name=Bo", "--wait", env=env)
         assert text.code == 0, text
         second_id = text.stdout.strip()  # stdout: the run id alone
         assert len(second_id) == 36 and second_id != run_id
@@ -429,7 +429,7 @@ def test_trigger_wait_failed_run_then_state_retry(
     ]
     assert tree.count(f"   error: ValueError: {FAILURE}") == 2
 
-    retried = exosphere("state", "retry", failed["id"], "-o", "json")
+    retried = exosphere_here("state", "retry", failed["id"], "-o", "json")
     assert retried.code == 0, retried
     new_id = retried.json()["retry_state_id"]
     assert retried.json() == {"state_id": failed["id"], "retry_state_id": new_id}
@@ -543,8 +543,8 @@ def test_progress_and_colour_only_on_a_terminal(
 # --- nodes ------------------------------------------------------------------------------
 
 
-def test_nodes_list(exosphere: Exosphere, exosphere_here: Exosphere, worker: Worker) -> None:
-    listed = exosphere("nodes", "list", "-o", "json")
+def test_nodes_list(exosphere_here: Exosphere, worker: Worker) -> None:
+    listed = exosphere_here("nodes", "list", "-o", "json")
     assert listed.code == 0, listed
     document = listed.json()
     assert document["namespace"] == worker.namespace
