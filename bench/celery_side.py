@@ -1,0 +1,303 @@
+"""Celery's side of ``compare.py``: a prefork worker and this process as the client.
+
+Runs in the benchmark's Celery environment (``celery_env/``), started by ``compare.py``::
+
+    celery_env/.venv/bin/python bench/celery_side.py --plan JSON --redis-url URL --out FILE
+
+The same workloads, sizes, checks and figures as our side (``workloads.py``), written to
+``FILE`` as JSON. The worker is ``celery worker --pool=prefork --concurrency=8`` in its
+own process; Redis (broker and result backend) is the one at ``--redis-url``, whose
+database is flushed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import psutil
+from measure import (
+    RecordTail,
+    WorkloadFailed,
+    check_exactly_once,
+    cpu_delta,
+    cpu_snapshot,
+    process_tree,
+    processes_named,
+    stop_process,
+    wait_for,
+)
+from workloads import (
+    CHAIN_STEPS,
+    Plan,
+    Progress,
+    chain_figures,
+    chain_keys,
+    cpu_per_unit,
+    fan_figures,
+    fan_keys,
+    idle_figures,
+    new_tag,
+    single_figures,
+    single_keys,
+    units,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULT_TIMEOUT_S = 600
+BACKLOG_QUEUE = "bench-backlog"
+# Flags of the worker: prefork with 8 processes, and none of the cluster chatter
+# (gossip, mingle, event heartbeats) that a single worker does not need.
+WORKER_FLAGS = [
+    "--pool=prefork",
+    "--without-gossip",
+    "--without-mingle",
+    "--without-heartbeat",
+    "--loglevel=WARNING",
+]
+
+
+@dataclass
+class Measured:
+    progress: Progress
+    t0: float
+    end: float
+    cpu_s: dict[str, float]
+
+
+class CelerySide:
+    def __init__(self, plan: Plan, worker: subprocess.Popen[bytes], tail: RecordTail) -> None:
+        import celery_tasks
+
+        self.tasks = celery_tasks
+        self.plan = plan
+        self.worker = worker
+        self.tail = tail
+        self.figures: dict[str, list[dict[str, float]]] = {}
+
+    def roles(self) -> dict[str, Callable[[], list[psutil.Process]]]:
+        return {
+            "worker": lambda: process_tree(self.worker.pid),
+            "redis": lambda: processes_named("redis-server"),
+            "client": lambda: [psutil.Process()],
+        }
+
+    def check_worker(self) -> None:
+        if self.worker.poll() is not None:
+            raise WorkloadFailed(f"the Celery worker exited ({self.worker.returncode})")
+
+    def measure(self, expected: dict[str, set[str]], start: Callable[[], Any]) -> Measured:
+        self.tail.read_new()  # nothing of an earlier workload counts
+        progress = Progress(expected, done_target=units(expected))
+        roles = self.roles()
+        before = cpu_snapshot(roles)
+        t0 = time.monotonic()
+        start()
+        wait_for(self.tail, progress.feed, check=self.check_worker)
+        after = cpu_snapshot(roles)
+        assert progress.end is not None
+        check_exactly_once(progress.records, expected)
+        return Measured(progress, t0, progress.end, cpu_delta(before, after))
+
+    def keep(self, workload: str, figures: dict[str, float]) -> None:
+        self.figures.setdefault(workload, []).append(figures)
+
+    @staticmethod
+    def cpu(measured: Measured, count: int) -> dict[str, float]:
+        per_task = cpu_per_unit(measured.cpu_s, count)
+        total = sum(v for role, v in per_task.items() if role != "client")
+        return {f"cpu_{role}_ms": v for role, v in per_task.items()} | {"cpu_ms": total}
+
+    # -- workloads ---------------------------------------------------------------------
+
+    def chains(self, count: int) -> Measured:
+        from celery import chain
+
+        step = self.tasks.step
+        tags = [new_tag("chain") for _ in range(count)]
+        results: list[Any] = []
+
+        def start() -> None:
+            for tag in tags:
+                links = [step.s([tag, 0]), *(step.s() for _ in range(CHAIN_STEPS - 1))]
+                results.append(chain(*links).apply_async())
+
+        measured = self.measure(chain_keys(tags), start)
+        for tag, result in zip(tags, results, strict=True):
+            expect(result.get(timeout=RESULT_TIMEOUT_S), [tag, CHAIN_STEPS], "chain result")
+            result.forget()  # and its parents: the chain's other links
+        return measured
+
+    def w1(self) -> None:
+        m = self.chains(self.plan.chain_runs)
+        figures = chain_figures(m.progress.records, m.t0, m.end)
+        self.keep("w1", figures | self.cpu(m, self.plan.chain_runs * CHAIN_STEPS))
+
+    def idle(self) -> None:
+        records = []
+        for _ in range(self.plan.idle_chains):
+            records += self.chains(1).progress.records
+        self.keep("idle", idle_figures(records))
+
+    def w2(self, width: int) -> None:
+        from celery.result import AsyncResult
+
+        tag = new_tag("fan")
+        results: list[Any] = []
+
+        def start() -> None:
+            results.append(self.tasks.fan.apply_async((tag, width)))
+
+        m = self.measure(fan_keys(tag, width), start)
+        join_id = results[0].get(timeout=RESULT_TIMEOUT_S)
+        callback = AsyncResult(join_id, app=self.tasks.app)
+        expect(callback.get(timeout=RESULT_TIMEOUT_S), width, "chord callback result")
+        callback.forget()
+        for header in results[0].children or []:  # the chord's children
+            header.forget()
+        results[0].forget()
+        figures = fan_figures(m.progress.records, width, m.t0, m.end)
+        self.keep(f"w2_{width}", figures | self.cpu(m, width + 2))
+
+    def w3(self) -> None:
+        from celery.result import ResultSet
+
+        tag = new_tag("single")
+        count = self.plan.singles
+        started: dict[int, float] = {}
+        durations: list[float] = []
+        results: list[Any] = []
+
+        def start() -> None:
+            for i in range(count):
+                started[i] = time.monotonic()
+                results.append(self.tasks.single.apply_async((tag, str(i))))
+                durations.append(time.monotonic() - started[i])
+
+        m = self.measure(single_keys(tag, count), start)
+        result_set = ResultSet(results, app=self.tasks.app)
+        expect(result_set.get(timeout=RESULT_TIMEOUT_S), [None] * count, "single results")
+        result_set.forget()
+        figures = single_figures(m.progress.records, tag, m.t0, m.end, started, durations)
+        self.keep("w3", figures | self.cpu(m, count))
+
+    def memory(self, redis: Any, redis_url: str, pending: int) -> dict[str, float]:
+        """Redis memory with ``pending`` task messages queued that nobody consumes.
+
+        Published by an app without a result backend: the messages are the same, but
+        the client does not subscribe to 100,000 results it will never read.
+        """
+        from celery import Celery
+
+        before = int(redis.info("memory")["used_memory"])
+        tag = new_tag("backlog")
+        publisher = Celery("bench-backlog", broker=redis_url)
+        name = self.tasks.single.name
+        with publisher.producer_or_acquire() as producer:
+            for i in range(pending):
+                publisher.send_task(name, (tag, str(i)), queue=BACKLOG_QUEUE, producer=producer)
+        publisher.close()
+        queued = int(redis.llen(BACKLOG_QUEUE))
+        if queued != pending:
+            raise WorkloadFailed(f"{queued} backlog messages queued, expected {pending}")
+        after = int(redis.info("memory")["used_memory"])
+        return {"memory_mb": after / 2**20, "memory_growth_mb": (after - before) / 2**20}
+
+
+def expect(got: Any, wanted: Any, what: str) -> None:
+    if got != wanted:
+        shown = repr(got)[:200]
+        raise WorkloadFailed(f"wrong {what}: {shown}, expected {repr(wanted)[:200]}")
+
+
+def start_worker(plan: Plan, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    celery = Path(sys.executable).parent / "celery"
+    command = [str(celery), "-A", "celery_tasks", "worker", f"--concurrency={plan.slots}"]
+    command += [*WORKER_FLAGS, "--hostname", f"bench-{os.getpid()}@%h"]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command,
+            cwd=HERE,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def run(plan: Plan, redis_url: str, log: Callable[[str], None]) -> dict[str, Any]:
+    import redis as redis_client
+
+    redis = redis_client.Redis.from_url(redis_url)
+    redis.flushdb()
+    with tempfile.TemporaryDirectory(prefix="exo-bench-celery-") as tmp:
+        records = Path(tmp) / "records"
+        records.mkdir()
+        os.environ["BENCH_REDIS_URL"] = redis_url
+        os.environ["BENCH_RECORD_DIR"] = str(records)
+        env = dict(os.environ) | {"PYTHONPATH": str(HERE)}
+        worker_log = Path(tmp) / "worker.log"
+        worker = start_worker(plan, env, worker_log)
+        try:
+            side = CelerySide(plan, worker, RecordTail(records))
+            log("celery: warm-up")
+            side.chains(2)
+            for repeat in range(plan.repeat):
+                label = f"celery #{repeat + 1}"
+                log(f"{label}: idle hop")
+                side.idle()
+                log(f"{label}: W1 chains")
+                side.w1()
+                for width in plan.fan_widths:
+                    log(f"{label}: W2 fan-out {width}")
+                    side.w2(width)
+                log(f"{label}: W3 single runs")
+                side.w3()
+            stop_process(worker)
+            log("celery: backlog (Redis memory)")
+            figures: dict[str, Any] = dict(side.figures)
+            figures["backlog"] = [side.memory(redis, redis_url, plan.backlogs[1])]
+        except BaseException:
+            sys.stderr.write(worker_log.read_text(errors="replace")[-5000:])
+            raise
+        finally:
+            stop_process(worker)
+            redis.flushdb()
+    import celery
+
+    server = redis.info("server")
+    return {
+        "figures": figures,
+        "versions": {"celery": celery.__version__, "redis": server.get("redis_version")},
+    }
+
+
+def _terminate(_signum: int, _frame: object) -> NoReturn:
+    raise KeyboardInterrupt  # run the clean-up of ``run``
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", required=True, help="the Plan, as JSON")
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _terminate)
+    plan = Plan.from_json(json.loads(args.plan))
+    result = run(plan, args.redis_url, lambda line: print(line, flush=True))
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
