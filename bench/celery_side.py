@@ -272,6 +272,9 @@ def run(plan: Plan, redis_url: str, log: Callable[[str], None]) -> dict[str, Any
             sys.stderr.write(worker_log.read_text(errors="replace")[-5000:])
             raise
         finally:
+            # The clean-up runs to its end, whatever signal comes next.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop_process(worker)
             redis.flushdb()
     import celery
@@ -300,4 +303,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

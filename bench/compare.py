@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from measure import machine_facts
 from ours import run_workloads
@@ -81,8 +82,12 @@ def run_celery(plan: Plan, redis_url: str) -> dict[str, Any]:
             code = proc.wait()
         finally:
             if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=60)
+                # Interrupted: Ctrl-C reached it too and it is cleaning up; give it time.
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    proc.wait(timeout=60)
         if code != 0:
             raise SystemExit(f"the Celery side failed (exit {code}); see its output above")
         result: dict[str, Any] = json.loads(out.read_text())
@@ -246,7 +251,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _terminate(_signum: int, _frame: object) -> NoReturn:
+    raise KeyboardInterrupt  # clean up as on Ctrl-C
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     args = parse_args()
     plan = PLANS[args.size]
     if args.repeat is not None:
@@ -303,4 +313,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; processes stopped and temporary databases removed", file=sys.stderr)
+        sys.exit(130)

@@ -14,6 +14,7 @@ import contextlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from exospherehost import GraphNodeModel, StateManager, StoreConfigModel, Unites
 from exospherehost.errors import GraphValidationError
 from measure import (
     RecordTail,
+    WorkloadFailed,
     check_exactly_once,
     cpu_delta,
     cpu_snapshot,
@@ -150,7 +152,7 @@ class Ours:
     backend: str
     plan: Plan
     server_pid: int
-    worker_pid: int
+    worker: subprocess.Popen[bytes]
     database_name: str | None
     sm: StateManager
     tail: RecordTail
@@ -160,7 +162,7 @@ class Ours:
     def roles(self) -> dict[str, Callable[[], list[psutil.Process]]]:
         roles: dict[str, Callable[[], list[psutil.Process]]] = {
             "server": lambda: process_tree(self.server_pid),
-            "worker": lambda: process_tree(self.worker_pid),
+            "worker": lambda: process_tree(self.worker.pid),
         }
         if self.database_name is not None:
             name = self.database_name
@@ -183,7 +185,18 @@ class Ours:
         before = cpu_snapshot(roles)
         t0 = time.monotonic()
         await start()
-        await asyncio.to_thread(wait_for, self.tail, progress.feed)
+        abandoned = threading.Event()
+
+        def check() -> None:
+            if abandoned.is_set():
+                raise WorkloadFailed("abandoned")
+            if self.worker.poll() is not None:
+                raise WorkloadFailed(f"the worker exited ({self.worker.returncode})")
+
+        try:
+            await asyncio.to_thread(wait_for, self.tail, progress.feed, check=check)
+        finally:
+            abandoned.set()  # on Ctrl-C, the waiting thread stops too
         after = cpu_snapshot(roles)
         assert progress.end is not None
         self.reported = max(int(r.key) for r in progress.records if r.kind == "reported")
@@ -318,7 +331,7 @@ async def running_system(backend: str, plan: Plan, env: dict[str, str]) -> Async
                         backend=backend,
                         plan=plan,
                         server_pid=server.process.pid,
-                        worker_pid=worker.pid,
+                        worker=worker,
                         database_name=database.name,
                         sm=sm,
                         tail=RecordTail(records),
