@@ -203,7 +203,7 @@ class CelerySide:
         tag = new_tag("backlog")
         publisher = Celery("bench-backlog", broker=redis_url)
         name = self.tasks.single.name
-        with publisher.producer_or_acquire() as producer:
+        with publisher.producer_or_acquire() as producer, producer.batch(max_size=1000):
             for i in range(pending):
                 publisher.send_task(name, (tag, str(i)), queue=BACKLOG_QUEUE, producer=producer)
         publisher.close()
