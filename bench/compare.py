@@ -252,7 +252,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def _terminate(_signum: int, _frame: object) -> NoReturn:
-    raise KeyboardInterrupt  # clean up as on Ctrl-C
+    # Clean up as on Ctrl-C, once: a second SIGTERM (``uv run`` forwards the one it got)
+    # must not cut the clean-up short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main() -> None:
