@@ -2,12 +2,13 @@
 
 Runs in the benchmark's Celery environment (``celery_env/``), started by ``compare.py``::
 
-    celery_env/.venv/bin/python bench/celery_side.py --plan JSON --redis-url URL --out FILE
+    celery_env/.venv/bin/python bench/celery_side.py --plan JSON --redis-url URL
 
-The same workloads, sizes, checks and figures as our side (``workloads.py``), written to
-``FILE`` as JSON. The worker is ``celery worker --pool=prefork --concurrency=8`` in its
-own process; Redis (broker and result backend) is the one at ``--redis-url``, whose
-database is flushed before and after.
+and driven over stdin/stdout (see :func:`serve`), so that the harness can run each
+workload on every system in turn. The same workloads, sizes, checks and figures as our
+side (``workloads.py``). The worker is ``celery worker --pool=prefork --concurrency=8``
+in its own process; Redis (broker and result backend) is the one at ``--redis-url``,
+whose database is flushed before and after.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import psutil
 from measure import (
@@ -39,13 +39,14 @@ from measure import (
 )
 from workloads import (
     CHAIN_STEPS,
+    Measured,
     Plan,
     Progress,
     chain_figures,
     chain_keys,
-    cpu_per_unit,
     fan_figures,
     fan_keys,
+    fan_width,
     idle_figures,
     new_tag,
     single_figures,
@@ -67,14 +68,6 @@ WORKER_FLAGS = [
 ]
 
 
-@dataclass
-class Measured:
-    progress: Progress
-    t0: float
-    end: float
-    cpu_s: dict[str, float]
-
-
 class CelerySide:
     def __init__(self, plan: Plan, worker: subprocess.Popen[bytes], tail: RecordTail) -> None:
         import celery_tasks
@@ -83,7 +76,6 @@ class CelerySide:
         self.plan = plan
         self.worker = worker
         self.tail = tail
-        self.figures: dict[str, list[dict[str, float]]] = {}
 
     def roles(self) -> dict[str, Callable[[], list[psutil.Process]]]:
         return {
@@ -109,14 +101,17 @@ class CelerySide:
         check_exactly_once(progress.records, expected)
         return Measured(progress, t0, progress.end, cpu_delta(before, after))
 
-    def keep(self, workload: str, figures: dict[str, float]) -> None:
-        self.figures.setdefault(workload, []).append(figures)
-
-    @staticmethod
-    def cpu(measured: Measured, count: int) -> dict[str, float]:
-        per_task = cpu_per_unit(measured.cpu_s, count)
-        total = sum(v for role, v in per_task.items() if role != "client")
-        return {f"cpu_{role}_ms": v for role, v in per_task.items()} | {"cpu_ms": total}
+    def run(self, workload: str) -> dict[str, float]:
+        """Run one workload of :func:`workloads.schedule`; its figures."""
+        if workload == "idle":
+            return self.idle()
+        if workload == "w1":
+            return self.w1()
+        if workload.startswith("w2_"):
+            return self.w2(fan_width(workload))
+        if workload == "w3":
+            return self.w3()
+        raise ValueError(f"unknown workload {workload!r}")
 
     # -- workloads ---------------------------------------------------------------------
 
@@ -138,18 +133,18 @@ class CelerySide:
             result.forget()  # and its parents: the chain's other links
         return measured
 
-    def w1(self) -> None:
+    def w1(self) -> dict[str, float]:
         m = self.chains(self.plan.chain_runs)
-        figures = chain_figures(m.progress.records, m.t0, m.end)
-        self.keep("w1", figures | self.cpu(m, self.plan.chain_runs * CHAIN_STEPS))
+        count = self.plan.chain_runs * CHAIN_STEPS
+        return chain_figures(m.progress.records, m.t0, m.end) | m.cpu_figures(count)
 
-    def idle(self) -> None:
+    def idle(self) -> dict[str, float]:
         records = []
         for _ in range(self.plan.idle_chains):
             records += self.chains(1).progress.records
-        self.keep("idle", idle_figures(records))
+        return idle_figures(records)
 
-    def w2(self, width: int) -> None:
+    def w2(self, width: int) -> dict[str, float]:
         from celery.result import AsyncResult
 
         tag = new_tag("fan")
@@ -166,10 +161,9 @@ class CelerySide:
         for header in results[0].children or []:  # the chord's children
             header.forget()
         results[0].forget()
-        figures = fan_figures(m.progress.records, width, m.t0, m.end)
-        self.keep(f"w2_{width}", figures | self.cpu(m, width + 2))
+        return fan_figures(m.progress.records, width, m.t0, m.end) | m.cpu_figures(width + 2)
 
-    def w3(self) -> None:
+    def w3(self) -> dict[str, float]:
         from celery.result import ResultSet
 
         tag = new_tag("single")
@@ -189,16 +183,18 @@ class CelerySide:
         expect(result_set.get(timeout=RESULT_TIMEOUT_S), [None] * count, "single results")
         result_set.forget()
         figures = single_figures(m.progress.records, tag, m.t0, m.end, started, durations)
-        self.keep("w3", figures | self.cpu(m, count))
+        return figures | m.cpu_figures(count)
 
     def memory(self, redis: Any, redis_url: str, pending: int) -> dict[str, float]:
-        """Redis memory with ``pending`` task messages queued that nobody consumes.
+        """Redis memory with ``pending`` task messages queued that nobody consumes (the
+        worker is stopped first: this is the last thing a session does).
 
         Published by an app without a result backend: the messages are the same, but
         the client does not subscribe to 100,000 results it will never read.
         """
         from celery import Celery
 
+        stop_process(self.worker)
         before = int(redis.info("memory")["used_memory"])
         tag = new_tag("backlog")
         publisher = Celery("bench-backlog", broker=redis_url)
@@ -236,8 +232,19 @@ def start_worker(plan: Plan, env: dict[str, str], log: Path) -> subprocess.Popen
         )
 
 
-def run(plan: Plan, redis_url: str, log: Callable[[str], None]) -> dict[str, Any]:
+def serve(plan: Plan, redis_url: str, commands: TextIO, answers: TextIO) -> None:
+    """Start the worker, then answer commands until ``quit``; always clean up.
+
+    One JSON object per line each way. First answer: ``{"versions": {...}}`` once the
+    worker ran a warm-up. Commands: ``{"run": "<workload>"}`` (answer: its figures),
+    ``{"run": "backlog"}`` (Redis memory; stops the worker), ``{"run": "quit"}``.
+    """
+    import celery
     import redis as redis_client
+
+    def answer(payload: object) -> None:
+        answers.write(json.dumps(payload) + "\n")
+        answers.flush()
 
     redis = redis_client.Redis.from_url(redis_url)
     redis.flushdb()
@@ -251,23 +258,17 @@ def run(plan: Plan, redis_url: str, log: Callable[[str], None]) -> dict[str, Any
         worker = start_worker(plan, env, worker_log)
         try:
             side = CelerySide(plan, worker, RecordTail(records))
-            log("celery: warm-up")
-            side.chains(2)
-            for repeat in range(plan.repeat):
-                label = f"celery #{repeat + 1}"
-                log(f"{label}: idle hop")
-                side.idle()
-                log(f"{label}: W1 chains")
-                side.w1()
-                for width in plan.fan_widths:
-                    log(f"{label}: W2 fan-out {width}")
-                    side.w2(width)
-                log(f"{label}: W3 single runs")
-                side.w3()
-            stop_process(worker)
-            log("celery: backlog (Redis memory)")
-            figures: dict[str, Any] = dict(side.figures)
-            figures["backlog"] = [side.memory(redis, redis_url, plan.backlogs[1])]
+            side.chains(2)  # warm-up: the worker is up and has run every path once
+            server = redis.info("server")
+            answer({"versions": {"celery": celery.__version__, "redis": server["redis_version"]}})
+            for line in commands:
+                command = json.loads(line)["run"]
+                if command == "quit":
+                    break
+                if command == "backlog":
+                    answer(side.memory(redis, redis_url, plan.backlogs[1]))
+                else:
+                    answer(side.run(command))
         except BaseException:
             sys.stderr.write(worker_log.read_text(errors="replace")[-5000:])
             raise
@@ -277,13 +278,6 @@ def run(plan: Plan, redis_url: str, log: Callable[[str], None]) -> dict[str, Any
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop_process(worker)
             redis.flushdb()
-    import celery
-
-    server = redis.info("server")
-    return {
-        "figures": figures,
-        "versions": {"celery": celery.__version__, "redis": server.get("redis_version")},
-    }
 
 
 def _terminate(_signum: int, _frame: object) -> NoReturn:
@@ -294,12 +288,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", required=True, help="the Plan, as JSON")
     parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
-    plan = Plan.from_json(json.loads(args.plan))
-    result = run(plan, args.redis_url, lambda line: print(line, flush=True))
-    args.out.write_text(json.dumps(result))
+    serve(Plan.from_json(json.loads(args.plan)), args.redis_url, sys.stdin, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -25,16 +26,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from measure import machine_facts
-from ours import run_workloads
-from workloads import PLANS, Plan, medians
+from ours import backlog, running_system
+from workloads import PLANS, Plan, medians, schedule
 
 HERE = Path(__file__).resolve().parent
 CELERY_ENV = HERE / "celery_env"
@@ -67,31 +67,105 @@ def celery_python() -> Path:
     return CELERY_ENV / ".venv" / "bin" / "python"
 
 
-def run_celery(plan: Plan, redis_url: str) -> dict[str, Any]:
-    python = celery_python()
-    with tempfile.TemporaryDirectory(prefix="exo-bench-compare-") as tmp:
-        out = Path(tmp) / "celery.json"
-        command = [str(python), str(HERE / "celery_side.py"), "--plan", json.dumps(plan.to_json())]
-        command += ["--redis-url", redis_url, "--out", str(out)]
-        # Same process group: Ctrl-C reaches it too, and it cleans up after itself.
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log(line.rstrip())
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                # Interrupted: Ctrl-C reached it too and it is cleaning up; give it time.
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.terminate()
-                    proc.wait(timeout=60)
-        if code != 0:
+class CeleryRemote:
+    """``celery_side.py`` in the Celery environment, driven one workload at a time.
+
+    It stays in this process group: Ctrl-C reaches it too, and it cleans up after itself
+    (its worker, its Redis database) before exiting.
+    """
+
+    def __init__(self, plan: Plan, redis_url: str) -> None:
+        command = [str(celery_python()), str(HERE / "celery_side.py")]
+        command += ["--plan", json.dumps(plan.to_json()), "--redis-url", redis_url]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
             raise SystemExit(f"the Celery side failed (exit {code}); see its output above")
-        result: dict[str, Any] = json.loads(out.read_text())
-        return result
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def started(self) -> dict[str, Any]:
+        """Wait until its worker is up; the versions of Celery and Redis."""
+        versions: dict[str, Any] = self._answer()["versions"]
+        return versions
+
+    def call(self, command: str) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"run": command}) + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"run": "quit"}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                self.proc.wait(timeout=60)
+
+
+# -- the session ------------------------------------------------------------------------
+
+Results = dict[str, dict[str, list[dict[str, float]]]]
+
+
+async def session(
+    plan: Plan,
+    backends: Sequence[str],
+    redis_url: str | None,
+    log: Callable[[str], None] = log,
+) -> tuple[Results, dict[str, Any]]:
+    """Every workload on every system; ``redis_url`` None leaves Celery out.
+
+    All systems are up at once and each workload runs on one after the other (the order
+    rotates with each repeat), so the figures of a row are measured minutes apart, not
+    a whole system's run apart: on a shared machine the load changes in between.
+    """
+    results: Results = {}
+    versions: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        systems: dict[str, Callable[[str], Awaitable[dict[str, float]]]] = {}
+        for backend in backends:
+            log(f"starting {COLUMNS[backend]}")
+            ours = await stack.enter_async_context(running_system(backend, plan, {}))
+            await ours.chains(2)  # warm-up: every process has run every path once
+            systems[backend] = ours.run
+        if redis_url is not None:
+            log(f"starting {COLUMNS['celery']}")
+            remote = CeleryRemote(plan, redis_url)
+            stack.callback(remote.close)
+            versions = await asyncio.to_thread(remote.started)
+
+            async def on_celery(workload: str, remote: CeleryRemote = remote) -> dict[str, float]:
+                return await asyncio.to_thread(remote.call, workload)
+
+            systems["celery"] = on_celery
+        names = list(systems)
+        for repeat in range(plan.repeat):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            for workload in schedule(plan):
+                for name in order:
+                    log(f"#{repeat + 1} {workload}: {COLUMNS[name]}")
+                    figures = await systems[name](workload)
+                    results.setdefault(name, {}).setdefault(workload, []).append(figures)
+        if redis_url is not None:
+            log(f"backlog: {COLUMNS['celery']} (Redis memory)")
+            memory = await asyncio.to_thread(remote.call, "backlog")
+            results["celery"]["backlog"] = [memory]
+    for backend in backends:
+        log(f"backlog: {COLUMNS[backend]} (claim cost, memory)")
+        results[backend]["backlog"] = [await backlog(backend, plan)]
+    return results, versions
 
 
 # -- the table --------------------------------------------------------------------------
@@ -104,6 +178,7 @@ class Row:
     figure: str
     better: str  # "higher" or "lower": which way is better, for the reader
     digits: int = 1
+    ratio: bool = True  # False where ours / Celery compares unlike things
 
 
 def rows(plan: Plan) -> list[Row]:
@@ -131,7 +206,13 @@ def rows(plan: Plan) -> list[Row]:
         Row(f"claim, backlog {small:,}: ms", "backlog", f"claim_{small}_ms", "lower", 2),
         Row(f"claim, backlog {large:,}: ms", "backlog", f"claim_{large}_ms", "lower", 2),
         Row(f"claim cost {large:,} / {small:,}", "backlog", "claim_ratio", "lower", 2),
-        Row(f"memory with {large:,} pending, MB", "backlog", "memory_mb", "lower"),
+        Row(
+            f"server RSS (Celery: Redis memory), {large:,} pending, MB",
+            "backlog",
+            "memory_mb",
+            "lower",
+            ratio=False,
+        ),
         Row(f"memory growth for {large:,} pending, MB", "backlog", "memory_growth_mb", "lower"),
         Row("CPU ms/state, W1", "w1", "cpu_ms", "lower", 2),
     ]
@@ -175,6 +256,9 @@ def main_table(plan: Plan, results: dict[str, dict[str, Any]], backends: Sequenc
         celery = value(results, "celery", row)
         for backend in ratios:
             ours = value(results, backend, row)
+            if not row.ratio:
+                line.append("-")
+                continue
             ratio = None if ours is None or not celery else ours / celery
             line.append(cell(ratio, 2) + ("x" if ratio is not None else ""))
         body.append(line)
@@ -267,15 +351,9 @@ def main() -> None:
     backends = list(BACKENDS) if args.backend == "both" else [args.backend]
     facts_start = machine_facts()
     started = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    versions: dict[str, Any] = {}
-    if "ours" in args.system_list:
-        for backend in backends:
-            results[backend] = asyncio.run(run_workloads(backend, plan, log))
-    if "celery" in args.system_list:
-        celery = run_celery(plan, args.redis_url)
-        results["celery"] = celery["figures"]
-        versions = celery["versions"]
+    include_ours = "ours" in args.system_list
+    redis_url = args.redis_url if "celery" in args.system_list else None
+    results, versions = asyncio.run(session(plan, backends if include_ours else [], redis_url))
     elapsed = time.monotonic() - started
     facts_end = machine_facts()
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ from measure import (
 )
 from workloads import (
     CHAIN_STEPS,
+    Measured,
     Plan,
     Progress,
     chain_figures,
     chain_keys,
-    cpu_per_unit,
     fan_figures,
     fan_keys,
+    fan_width,
     idle_figures,
     new_tag,
     single_figures,
@@ -138,14 +139,6 @@ GRAPHS: dict[str, tuple[Callable[[], list[GraphNodeModel]], list[str]]] = {
 
 
 @dataclass
-class Measured:
-    progress: Progress
-    t0: float
-    end: float
-    cpu_s: dict[str, float]
-
-
-@dataclass
 class Ours:
     """A server + worker + client on one fresh database, ready for workloads."""
 
@@ -157,7 +150,6 @@ class Ours:
     sm: StateManager
     tail: RecordTail
     reported: int = 0
-    figures: dict[str, list[dict[str, float]]] = field(default_factory=dict)
 
     def roles(self) -> dict[str, Callable[[], list[psutil.Process]]]:
         roles: dict[str, Callable[[], list[psutil.Process]]] = {
@@ -203,15 +195,17 @@ class Ours:
         check_exactly_once(progress.records, expected)
         return Measured(progress, t0, progress.end, cpu_delta(before, after))
 
-    def keep(self, workload: str, figures: dict[str, float]) -> None:
-        self.figures.setdefault(workload, []).append(figures)
-
-    def keep_cpu(self, workload: str, measured: Measured, count: int) -> dict[str, float]:
-        per_state = cpu_per_unit(measured.cpu_s, count)
-        total = sum(v for role, v in per_state.items() if role != "client")
-        return {f"cpu_{role}_ms": v for role, v in per_state.items()} | {"cpu_ms": total}
-
-    # -- workloads ---------------------------------------------------------------------
+    async def run(self, workload: str) -> dict[str, float]:
+        """Run one workload of :func:`workloads.schedule`; its figures."""
+        if workload == "idle":
+            return await self.idle()
+        if workload == "w1":
+            return await self.w1()
+        if workload.startswith("w2_"):
+            return await self.w2(fan_width(workload))
+        if workload == "w3":
+            return await self.w3()
+        raise ValueError(f"unknown workload {workload!r}")
 
     async def chains(self, count: int) -> Measured:
         tags = [new_tag("chain") for _ in range(count)]
@@ -222,30 +216,28 @@ class Ours:
 
         return await self.measure(chain_keys(tags), start)
 
-    async def w1(self) -> None:
+    async def w1(self) -> dict[str, float]:
         m = await self.chains(self.plan.chain_runs)
         count = self.plan.chain_runs * CHAIN_STEPS
-        figures = chain_figures(m.progress.records, m.t0, m.end)
-        self.keep("w1", figures | self.keep_cpu("w1", m, count))
+        return chain_figures(m.progress.records, m.t0, m.end) | m.cpu_figures(count)
 
-    async def idle(self) -> None:
+    async def idle(self) -> dict[str, float]:
         records = []
         for _ in range(self.plan.idle_chains):
             m = await self.chains(1)
             records += m.progress.records
-        self.keep("idle", idle_figures(records))
+        return idle_figures(records)
 
-    async def w2(self, width: int) -> None:
+    async def w2(self, width: int) -> dict[str, float]:
         tag = new_tag("fan")
 
         async def start() -> None:
             await trigger(self.sm, "fan", {"run": tag, "n": str(width)})
 
         m = await self.measure(fan_keys(tag, width), start)
-        figures = fan_figures(m.progress.records, width, m.t0, m.end)
-        self.keep(f"w2_{width}", figures | self.keep_cpu("w2", m, width + 2))
+        return fan_figures(m.progress.records, width, m.t0, m.end) | m.cpu_figures(width + 2)
 
-    async def w3(self) -> None:
+    async def w3(self) -> dict[str, float]:
         tag = new_tag("single")
         count = self.plan.singles
         started: dict[int, float] = {}
@@ -263,7 +255,7 @@ class Ours:
 
         m = await self.measure(single_keys(tag, count), start)
         figures = single_figures(m.progress.records, tag, m.t0, m.end, started, durations)
-        self.keep("w3", figures | self.keep_cpu("w3", m, count))
+        return figures | m.cpu_figures(count)
 
 
 @contextlib.contextmanager
@@ -341,28 +333,6 @@ async def running_system(backend: str, plan: Plan, env: dict[str, str]) -> Async
                 if worker.poll() is not None:
                     log = (Path(tmp) / "worker.log").read_text(errors="replace")
                     raise RuntimeError(f"the worker exited early ({worker.returncode}):\n{log}")
-
-
-async def run_workloads(backend: str, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every workload on one backend, ``plan.repeat`` times; figures of each repeat."""
-    async with running_system(backend, plan, {}) as ours:
-        log(f"ours/{backend}: warm-up")
-        await ours.chains(2)
-        for repeat in range(plan.repeat):
-            label = f"ours/{backend} #{repeat + 1}"
-            log(f"{label}: idle hop")
-            await ours.idle()
-            log(f"{label}: W1 chains")
-            await ours.w1()
-            for width in plan.fan_widths:
-                log(f"{label}: W2 fan-out {width}")
-                await ours.w2(width)
-            log(f"{label}: W3 single runs")
-            await ours.w3()
-        figures: dict[str, Any] = dict(ours.figures)
-    log(f"ours/{backend}: backlog (claim cost, memory)")
-    figures["backlog"] = [await backlog(backend, plan)]
-    return figures
 
 
 # -- backlog: claim cost and memory with many claimable states ---------------------------

@@ -22,7 +22,7 @@ from exospherehost import BaseNode, Runtime
 from measure import RecordWriter
 from pydantic import BaseModel
 
-REPORT_WATCH_S = 0.005
+REPORT_WATCH_S = 0.01
 _writer: RecordWriter | None = None
 
 

@@ -9,7 +9,7 @@ tiny`` runs both.
 from __future__ import annotations
 
 import pytest
-from ours import run_workloads
+from compare import session
 from workloads import PLANS
 
 
@@ -18,7 +18,8 @@ from workloads import PLANS
 )
 async def test_our_side_runs_every_workload_exactly_once(backend: str) -> None:
     plan = PLANS["tiny"]
-    figures = await run_workloads(backend, plan, lambda _line: None)
+    results, _versions = await session(plan, [backend], None, lambda _line: None)
+    figures = results[backend]
     width = plan.fan_widths[0]
     small, large = plan.backlogs
     expected = {

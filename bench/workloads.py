@@ -164,9 +164,14 @@ def idle_figures(records: Sequence[Record]) -> dict[str, float]:
     }
 
 
-def cpu_per_unit(cpu_s: dict[str, float], count: int) -> dict[str, float]:
-    """CPU milliseconds per state (task) of each role."""
-    return {role: seconds * 1000 / count for role, seconds in cpu_s.items()}
+def schedule(plan: Plan) -> list[str]:
+    """The workloads of one repeat, in order: ``idle``, ``w1``, ``w2_<width>``..., ``w3``."""
+    return ["idle", "w1", *(f"w2_{width}" for width in plan.fan_widths), "w3"]
+
+
+def fan_width(workload: str) -> int:
+    """The width of a ``w2_<width>`` workload."""
+    return int(workload.split("_", 1)[1])
 
 
 def medians(samples: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -218,3 +223,20 @@ class Progress:
                     missing.discard(r.key)
                     self._left -= 1
         return self._left == 0 and self.end is not None
+
+
+@dataclass
+class Measured:
+    """One workload's records, its window (``t0`` → ``end``) and the CPU seconds each
+    process group (role) used in it."""
+
+    progress: Progress
+    t0: float
+    end: float
+    cpu_s: dict[str, float]
+
+    def cpu_figures(self, count: int) -> dict[str, float]:
+        """CPU ms per state (task) of each role, and ``cpu_ms``: all roles but the client."""
+        per_unit = {f"cpu_{role}_ms": s * 1000 / count for role, s in self.cpu_s.items()}
+        total = sum(s for role, s in self.cpu_s.items() if role != "client") * 1000 / count
+        return per_unit | {"cpu_ms": total}
