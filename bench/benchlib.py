@@ -23,11 +23,12 @@ TESTS = Path(__file__).resolve().parents[1] / "state-manager" / "tests"
 sys.path.insert(0, str(TESTS))
 
 from sm_api import Api, node, template_node  # noqa: E402
-from sm_support import ServerProcess, make_database  # noqa: E402
+from sm_support import ServerProcess, TempDatabase, make_database  # noqa: E402
 
 __all__ = [
     "Api",
     "bench_server",
+    "fresh_server",
     "node",
     "parse_args",
     "percentiles",
@@ -56,23 +57,32 @@ def parse_args(
 
 
 @contextlib.asynccontextmanager
+async def fresh_server(
+    backend: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[ServerProcess, TempDatabase]]:
+    """A fresh database and a server process on it; both removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
+        database = await asyncio.to_thread(make_database, backend, Path(tmp), "exo_bench_")
+        server = ServerProcess(database.url, Path(tmp) / "server", dict(env or {}))
+        try:
+            await asyncio.to_thread(server.start)
+            yield server, database
+        finally:
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(database.drop)
+
+
+@contextlib.asynccontextmanager
 async def bench_server(
     backend: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[ServerProcess, httpx.AsyncClient]]:
     """A fresh database, a server process on it, and a client; all cleaned up afterwards."""
-    with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
-        database = await asyncio.to_thread(make_database, backend, Path(tmp))
-        server = ServerProcess(database.url, Path(tmp) / "server", dict(env or {}))
-        try:
-            await asyncio.to_thread(server.start)
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-            async with httpx.AsyncClient(
-                base_url=server.base_url, headers=server.headers, timeout=120, limits=limits
-            ) as client:
-                yield server, client
-        finally:
-            await asyncio.to_thread(server.stop)
-            await asyncio.to_thread(database.drop)
+    async with fresh_server(backend, env) as (server, _database):
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=server.headers, timeout=120, limits=limits
+        ) as client:
+            yield server, client
 
 
 def percentiles(samples_s: Sequence[float]) -> str:

@@ -44,23 +44,41 @@ def _wait_registered(
 
 
 @pytest.fixture
-def run_example(example_server: ServerProcess, tmp_path: Path) -> Iterator[RunExample]:
-    """``run_example("hello_world", namespace, *args)``: start the example's worker.py as
-    documented, run its run.py with ``args``, return what run.py printed. The worker is
-    stopped with SIGTERM afterwards and must exit cleanly."""
+def start_example_worker(
+    example_server: ServerProcess, tmp_path: Path
+) -> Iterator[Callable[[str, str], None]]:
+    """``start_example_worker("hello_world", namespace)``: start the example's worker.py
+    and wait until it registered. Workers are stopped with SIGTERM afterwards and must
+    exit cleanly."""
     workers: list[subprocess.Popen[bytes]] = []
 
-    def run(example: str, namespace: str, *args: str) -> str:
-        folder = EXAMPLES / example
+    def start(example: str, namespace: str) -> None:
         with (tmp_path / f"{example}-worker.log").open("wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, str(folder / "worker.py")],
+                [sys.executable, str(EXAMPLES / example / "worker.py")],
                 env=example_server.client_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         workers.append(worker)
         _wait_registered(example_server, namespace, worker)
+
+    yield start
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+
+
+@pytest.fixture
+def run_example(
+    example_server: ServerProcess, start_example_worker: Callable[[str, str], None]
+) -> RunExample:
+    """``run_example("hello_world", namespace, *args)``: start the example's worker.py as
+    documented, run its run.py with ``args``, return what run.py printed."""
+
+    def run(example: str, namespace: str, *args: str) -> str:
+        folder = EXAMPLES / example
+        start_example_worker(example, namespace)
         result = subprocess.run(
             [sys.executable, str(folder / "run.py"), *args],
             env=example_server.client_env(),
@@ -71,7 +89,4 @@ def run_example(example_server: ServerProcess, tmp_path: Path) -> Iterator[RunEx
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    yield run
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=30) == 0
+    return run

@@ -5,8 +5,10 @@
     ExosphereError
     ├── ApiError                      the server answered with an unexpected status
     │   └── StateGoneError            4xx on a state report: the state is no longer ours
-    └── GraphValidationError          upsert_graph: the template ended INVALID
-        └── GraphValidationTimeout    upsert_graph: still PENDING after validation_timeout
+    ├── GraphValidationError          upsert_graph: the template ended INVALID
+    │   └── GraphValidationTimeout    upsert_graph: still PENDING after validation_timeout
+    └── UnexpectedResponse            a success answer that is not what the API returns
+                                      (also a ValueError)
 
 Network failures are not wrapped: they surface as ``httpx.RequestError`` subclasses.
 The runtime never lets any of these escape while running nodes; they are raised by the
@@ -23,6 +25,7 @@ __all__ = [
     "GraphValidationError",
     "GraphValidationTimeout",
     "StateGoneError",
+    "UnexpectedResponse",
 ]
 
 
@@ -69,3 +72,8 @@ class GraphValidationTimeout(GraphValidationError):
     def __init__(self, graph_name: str, status: str, timeout: float) -> None:
         self.timeout = timeout
         super().__init__(graph_name, status, [f"validation still {status} after {timeout} s"])
+
+
+class UnexpectedResponse(ExosphereError, ValueError):
+    """The server answered with success but not with what the API returns there (another
+    program listens at the URI, or a proxy answered)."""

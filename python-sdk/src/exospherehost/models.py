@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = [
     "CronTrigger",
     "GraphNodeModel",
+    "RegisteredNode",
     "RetryPolicyModel",
     "RetryStrategyEnum",
+    "RunDetails",
     "RunGraph",
     "RunGraphEdge",
     "RunGraphNode",
@@ -227,6 +229,19 @@ class RunSummary(_ReadModel):
     created_at: str | None = None
 
 
+class RunDetails(RunSummary):
+    """One run as the run route describes it: the listing's fields, the namespace, and the
+    number of its states in every state status (``counts``)."""
+
+    namespace: str
+    counts: dict[str, int]
+
+    @property
+    def finished(self) -> int:
+        """States that reached a final status (every state that is not pending)."""
+        return self.total_count - self.pending_count
+
+
 class RunsPage(_ReadModel):
     """A page of the runs listing of a namespace, newest first."""
 
@@ -245,6 +260,9 @@ class RunGraphNode(_ReadModel):
     identifier: str
     status: str
     error: str | None = None
+    retry_count: int = 0
+    """Automatic retries before this state (0: a first attempt or a manual retry). Servers
+    that do not send it leave it 0."""
 
 
 class RunGraphEdge(_ReadModel):
@@ -308,3 +326,26 @@ class RunNodeDetails(_ReadModel):
     parents: dict[str, str]
     created_at: str | None = None
     updated_at: str | None = None
+
+
+class RegisteredNode(_ReadModel):
+    """A node type that a runtime registered in a namespace, with its field schemas."""
+
+    name: str
+    namespace: str
+    runtime_name: str
+    inputs_schema: dict[str, Any]
+    outputs_schema: dict[str, Any]
+    secrets: list[str]
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def input_fields(self) -> list[str]:
+        """Names of the input fields (the ``properties`` of the inputs schema)."""
+        return list(self.inputs_schema.get("properties", {}))
+
+    @property
+    def output_fields(self) -> list[str]:
+        """Names of the output fields (the ``properties`` of the outputs schema)."""
+        return list(self.outputs_schema.get("properties", {}))

@@ -5,25 +5,28 @@ be built at import time and used from ``asyncio.run`` calls one after another. C
 with ``await sm.aclose()`` or use it as ``async with StateManager(...) as sm``.
 
 Reads and idempotent writes (``get_graph``, ``upsert_graph``, run views) are retried on
-network errors and 5xx answers. ``trigger`` is not retried once the request may have
-reached the server, since that could start a run twice.
+network errors and 5xx answers. ``trigger`` and ``retry_state`` are not retried once the
+request may have reached the server, since that could start a run twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status
-from .errors import ApiError, GraphValidationError, GraphValidationTimeout
+from .errors import ApiError, GraphValidationError, GraphValidationTimeout, UnexpectedResponse
 from .models import (
     CronTrigger,
     GraphNodeModel,
+    RegisteredNode,
     RetryPolicyModel,
+    RunDetails,
     RunGraph,
     RunNodeDetails,
     RunsPage,
@@ -108,8 +111,8 @@ class StateManager:
         retry_policy: RetryPolicyModel | None = None,
         store_config: StoreConfigModel | None = None,
         triggers: list[CronTrigger] | None = None,
-        validation_timeout: int = 60,
-        polling_interval: int = 1,
+        validation_timeout: float = 60,
+        polling_interval: float = 1,
     ) -> dict[str, Any]:
         """Create or replace a graph template and wait until the server has validated it.
 
@@ -149,6 +152,22 @@ class StateManager:
             errors = graph.get("validation_errors") or []
             raise GraphValidationError(graph_name, status, [str(error) for error in errors])
         return graph
+
+    async def list_graphs(self) -> list[dict[str, Any]]:
+        """Every graph template of the namespace, as ``GET /graphs/`` lists them (with
+        ``name``, ``validation_status``, ``validation_errors``; secrets as flags)."""
+        api = self._client()
+        body = _as_dict(await self._call("GET", api.url("graphs", trailing_slash=True)))
+        templates = body.get("templates", [])
+        if not isinstance(templates, list):
+            raise UnexpectedResponse(f"expected a list of templates, got {templates!r}")
+        return [_as_dict(template) for template in templates]
+
+    async def list_nodes(self) -> list[RegisteredNode]:
+        """The node types runtimes registered in the namespace, with their field schemas."""
+        api = self._client()
+        body = _as_dict(await self._call("GET", api.url("nodes", trailing_slash=True)))
+        return [RegisteredNode.model_validate(node) for node in body.get("nodes", [])]
 
     # --- runs ----------------------------------------------------------------------------
 
@@ -190,6 +209,15 @@ class StateManager:
                 raise LookupError(f"run {run_id!r} not found in namespace {self._namespace!r}")
             page += 1
 
+    async def get_run_details(self, run_id: str) -> RunDetails:
+        """One run's status and its states counted by status, in one request.
+
+        Uses the run route of this state manager (``GET .../run/{run_id}``, not in the
+        original v0 API); an unknown run raises :class:`ApiError` with status 404.
+        """
+        api = self._client()
+        return RunDetails.model_validate(await self._call("GET", api.url("run", run_id)))
+
     async def get_run_graph(self, run_id: str) -> RunGraph:
         """Every state of a run with its status, the links between them, and counts."""
         api = self._client()
@@ -201,6 +229,21 @@ class StateManager:
         api = self._client()
         path = api.url("graph", graph_name, "run", run_id, "node", state_id)
         return RunNodeDetails.model_validate(await self._call("GET", path))
+
+    async def retry_state(self, state_id: str, fanout_id: str | None = None) -> str:
+        """Run a finished state again (manual retry); returns the id of the new state.
+
+        ``fanout_id`` makes the request idempotent: the server refuses (409) a second
+        retry with the same one. By default a fresh one is generated. The server also
+        refuses (400) a state that is not finished or was already retried.
+        """
+        api = self._client()
+        body = {"fanout_id": fanout_id or str(uuid.uuid4())}
+        path = api.url("state", state_id, "manual-retry")
+        # Sent again only when it never reached the server: a lost answer would otherwise
+        # turn into a confusing 409 for a retry that did happen.
+        answer = _as_dict(await self._call("POST", path, json=body, idempotent=False))
+        return str(answer["id"])
 
     async def wait_for_run(
         self,
@@ -290,5 +333,12 @@ class StateManager:
 
 def _as_dict(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise ValueError(f"expected a JSON object from the state manager, got {body!r}")
+        raise UnexpectedResponse(
+            f"expected a JSON object from the state manager, got {_excerpt(body)}"
+        )
     return body
+
+
+def _excerpt(body: Any, limit: int = 80) -> str:
+    text = " ".join(repr(body).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

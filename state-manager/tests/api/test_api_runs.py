@@ -203,7 +203,8 @@ async def test_run_graph_structure(client: httpx.AsyncClient) -> None:
     nodes = {n["id"]: n for n in view["nodes"]}
     assert len(nodes) == view["node_count"] == 4
     for n in view["nodes"]:
-        assert set(n) == {"id", "node_name", "identifier", "status", "error"}
+        assert set(n) == {"id", "node_name", "identifier", "status", "error", "retry_count"}
+        assert n["retry_count"] == 0
     a_ids = {i for i, n in nodes.items() if n["identifier"] == "a"}
     assert a["state_id"] in a_ids and len(a_ids) == 2
     assert sorted(view["root_states"], key=lambda n: n["id"]) == sorted(

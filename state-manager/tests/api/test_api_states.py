@@ -271,6 +271,8 @@ async def test_errored_creates_retries_until_the_policy_runs_out(
     rows = {row.id: row for row in await read_states(database_url, NS, run_id)}
     attempts = [rows[s["state_id"]] for s in (first, second, third)]
     assert [row.retry_count for row in attempts] == [0, 1, 2]
+    shown = {n["id"]: n["retry_count"] for n in view["nodes"]}
+    assert [shown[s["state_id"]] for s in (first, second, third)] == [0, 1, 2]
     assert len({row.fanout_id for row in attempts}) == 1  # retries keep the fan-out id
     assert [row.enqueue_after - row.created_at for row in attempts[1:]] == [1, 1]
     assert view["execution_summary"]["RETRY_CREATED"] == 2

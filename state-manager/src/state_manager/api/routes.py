@@ -360,6 +360,7 @@ def _graph_node(state: GraphStateRow) -> schemas.GraphNode:
         identifier=state.identifier,
         status=StateStatus(state.status),
         error=state.error,
+        retry_count=state.retry_count,
     )
 
 

@@ -155,6 +155,9 @@ class GraphNode(BaseModel):
     identifier: str
     status: StateStatus
     error: str | None
+    retry_count: int = Field(
+        description="Extension: automatic retries before this state (0 for a first attempt)."
+    )
 
 
 class GraphEdge(BaseModel):

@@ -1,0 +1,5 @@
+"""``python -m exospherehost.cli``: the same as the ``exosphere`` command."""
+
+from .app import main
+
+main()
