@@ -150,6 +150,7 @@ class GraphStateRow:
     status: str
     error: str | None
     parents: dict[str, str]
+    retry_count: int
 
     @classmethod
     def columns(cls) -> list[sa.Column[Any]]:
