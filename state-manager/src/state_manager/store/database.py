@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -33,7 +34,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from state_manager.errors import DatabaseNotMigrated
+from state_manager.errors import DatabaseNotMigrated, DatabaseUnavailable
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
 
@@ -67,6 +68,36 @@ async def _alive(connection: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+# A server shutting down (57P01, 57P02) or starting up (57P03); class 08 is a
+# connection failure.
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+DISK_FULL = (
+    "The database's disk is full, so nothing was written. "
+    "Writes resume by themselves once space is freed."
+)
+UNREACHABLE = (
+    "The database is unreachable or restarting; retry the request. "
+    "A write cut off while it was committing may have been applied."
+)
+
+
+def unavailable(error: BaseException) -> DatabaseUnavailable | None:
+    """The error to answer (503) when ``error`` says the database cannot serve now: its
+    disk is full, or the connection was refused, lost, or the server is restarting.
+    ``None`` for any other error (a bug, answered 500)."""
+    if isinstance(error, OSError):  # refused, reset or timed out while connecting
+        return DatabaseUnavailable(UNREACHABLE)
+    if not isinstance(error, DBAPIError):
+        return None
+    original = error.orig
+    if getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return DatabaseUnavailable(DISK_FULL)
+    code = str(getattr(original, "pgcode", None) or getattr(original, "sqlstate", None) or "")
+    if error.connection_invalidated or code.startswith("08") or code in UNAVAILABLE_SQLSTATES:
+        return DatabaseUnavailable(UNREACHABLE)
+    return None
 
 
 def driver_url(url: str) -> str:
