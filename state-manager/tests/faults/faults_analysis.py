@@ -77,7 +77,7 @@ class Fault:
     at: float
     back_at: float
     watched: frozenset[str] = frozenset()  # states in flight before and after it
-    cut: int = 0  # executions running in a killed worker
+    hit: str = ""  # what it cut: running nodes, requests in flight, requests refused
 
 
 @dataclass
@@ -329,15 +329,15 @@ def render(
     lines += [f"| {name} | {value} |" for name, value in summary]
     lines += [
         "",
-        "| # | fault | at (s) | in flight | taken back by lease | component back (s) "
-        "| full recovery (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| # | fault | at (s) | what it hit | states in flight | taken back by lease "
+        "| component back (s) | full recovery (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for index, f in enumerate(outcome.faults, 1):
         recovery = "never" if f.recovery_s is None else f"{f.recovery_s:.1f}"
         lines.append(
             f"| {index} | {KIND_LABELS[f.fault.kind]}: {f.fault.target} "
-            f"| {f.fault.at - started_at:.1f} | {f.in_flight} | {f.taken_back} "
+            f"| {f.fault.at - started_at:.1f} | {f.fault.hit} | {f.in_flight} | {f.taken_back} "
             f"| {f.back_s:.1f} | {recovery} |"
         )
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 Several state-manager processes share one database behind a round-robin TCP load
 balancer (``faults_proxy.py``); worker processes on our SDK (``faults_worker.py``) reach
-them through it, as in production. Runs of a fan-out + join are triggered, and while
-they execute the suite injects faults, one after another as the work progresses:
+them through it, as in production. Runs of a fan-out + join are triggered in waves, and
+while each wave executes the suite injects one fault (see :meth:`FaultRun.drive`):
 
 * ``server``: ``kill -9`` a server process, then start it again;
 * ``worker``: ``kill -9`` the worker running the most nodes, then start a new one;
@@ -37,8 +37,11 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -66,16 +69,17 @@ from sm_support import (  # noqa: E402
     read_states,
     wait_registered,
 )
-from state_manager.store.database import Database  # noqa: E402
+from state_manager.store.database import LISTENER_APPLICATION_NAME, Database  # noqa: E402
 from state_manager.store.tables import states as states_table  # noqa: E402
 
 PROXY = HERE / "faults_proxy.py"
 WORKER = HERE / "faults_worker.py"
 NAMESPACE = "faults"
-LEASE_SECONDS = 4
+LEASE_SECONDS = 6
 HEARTBEAT_SECONDS = 1.0
-# The listener connection each server keeps for NOTIFY (see store/database.py).
-LISTENER_APPLICATION_NAME = "exosphere-listener"
+# A server kill waits this long at most for the server to be busy with one of these.
+AIM_SECONDS = 5.0
+REPORTS = frozenset({"executed", "errored", "prune", "re-enqueue-after"})
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Size:
 
 
 SIZES = {
-    "small": Size(runs=4, width=30, rounds=1, work_ms=(300, 900), slots=2, deadline_s=150),
+    "small": Size(runs=4, width=40, rounds=1, work_ms=(150, 600), slots=3, deadline_s=150),
     "full": Size(runs=20, width=100, rounds=2, work_ms=(100, 700), slots=8, deadline_s=600),
 }
 
@@ -188,6 +192,7 @@ class Cluster:
     servers: list[ServerProcess] = field(default_factory=list)
     proxy: subprocess.Popen[bytes] | None = None
     proxy_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     kills: dict[int, float] = field(default_factory=dict)
     spawned: int = 0
@@ -219,7 +224,7 @@ class Cluster:
         ports = [str(server.port) for server in self.servers]
         with (self.workdir / "proxy.log").open("wb") as log:
             self.proxy = subprocess.Popen(
-                [sys.executable, str(PROXY), str(self.proxy_port), *ports],
+                [sys.executable, str(PROXY), str(self.proxy_port), str(self.control_port), *ports],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -251,6 +256,15 @@ class Cluster:
             )
         self.workers[process.pid] = process
         return process.pid
+
+    async def waiting_requests(self) -> dict[int, list[str]]:
+        """The requests waiting for an answer on each server, from the load balancer."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.control_port)
+        try:
+            answer = json.loads(await reader.read())
+        finally:
+            writer.close()
+        return {int(port): requests for port, requests in answer.items()}
 
     def kill_worker(self, pid: int) -> None:
         process = self.workers.pop(pid)
@@ -294,12 +308,22 @@ class Cluster:
         found: Counter[int] = Counter()
         for server in self.servers:
             for log in server.data_dir.glob("server-*.log"):
-                for line in log.read_text(errors="replace").splitlines():
-                    if '"state_manager.access"' not in line or '"status": 5' not in line:
-                        continue
-                    with contextlib.suppress(ValueError, KeyError):
-                        found[int(json.loads(line)["status"])] += 1
+                for line in read_json_lines(log):
+                    status = line.get("status")
+                    access = line.get("logger") == "state_manager.access"
+                    if access and isinstance(status, int) and status >= 500:
+                        found[int(status)] += 1
         return found
+
+
+def read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a log, one a line; other lines are skipped."""
+    for raw in path.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict):
+                    yield line
 
 
 def httpx_ok(url: str) -> bool:
@@ -308,8 +332,7 @@ def httpx_ok(url: str) -> bool:
     return False
 
 
-def wait_until(check: object, limit_s: float, what: str) -> None:
-    assert callable(check)
+def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> None:
     deadline = time.monotonic() + limit_s
     while not check():
         if time.monotonic() > deadline:
@@ -404,6 +427,7 @@ class FaultRun:
         self.started_at = 0.0
         self.victims = 0
         self.problems: list[str] = []
+        self.killed_ports: dict[int, int] = {}  # fault index -> port of the server killed
 
     @property
     def plan(self) -> list[str]:
@@ -423,6 +447,7 @@ class FaultRun:
                 await asyncio.to_thread(server.stop)
             facts = await all_facts(cluster.database_url, list(self.labels))
             self.journals.poll()
+            self.describe_hits()
         finally:
             await asyncio.to_thread(cluster.close)
         outcome = analyse(
@@ -509,34 +534,79 @@ class FaultRun:
             self.journals.poll()
 
     async def inject(self, kind: str) -> Fault:
+        """Inject one fault and wait until its component is back. The states it watches
+        are those claimed just before it, just after it (claims a kill cut after their
+        commit) and once the component is back."""
         cluster = self.cluster
-        before = await in_flight(cluster.database_url)
-        cut = 0
-        at = time.time()
+        watched = await in_flight(cluster.database_url)
+        hit = ""
         if kind == "server":
             server = cluster.servers[self.victims % len(cluster.servers)]
             self.victims += 1
             target = f"server {cluster.servers.index(server) + 1} of {len(cluster.servers)}"
+            self.killed_ports[len(self.faults)] = server.port
+            await self.aim_at(server.port)
+            at = time.time()
             server.kill()
+            watched |= await in_flight(cluster.database_url)
             await asyncio.to_thread(server.start)
         elif kind == "worker":
             self.journals.poll()
             pid = max(cluster.workers, key=self.journals.running)
-            cut = self.journals.running(pid)
-            target = f"pid {pid}, {cut} nodes running"
+            target = f"pid {pid}"
+            hit = f"{self.journals.running(pid)} nodes running"
+            at = time.time()
             cluster.kill_worker(pid)
             cluster.spawn_worker()
         elif kind == "postgres":
             assert cluster.postgres is not None
             target = "immediate stop, start"
+            at = time.time()
             await asyncio.to_thread(cluster.postgres.stop, "immediate")
             await asyncio.to_thread(cluster.postgres.start)
             await self.wait_servers_recovered()
         else:
             raise ValueError(f"unknown fault {kind!r}")
         back_at = time.time()
-        after = await in_flight(cluster.database_url)
-        return Fault(kind, target, at, back_at, frozenset(before | after), cut)
+        watched |= await in_flight(cluster.database_url)
+        return Fault(kind, target, at, back_at, frozenset(watched), hit)
+
+    async def aim_at(self, port: int) -> None:
+        """Wait (up to a few seconds) until the server on ``port`` is busy with a report,
+        so that the kill cuts one: the moment a commit and its answer can part ways."""
+        deadline = time.monotonic() + AIM_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if REPORTS & set((await self.cluster.waiting_requests()).get(port, [])):
+                    return
+            await asyncio.sleep(0.002)
+
+    def describe_hits(self) -> None:
+        """After the run: the requests each server kill cut (the load balancer's log) and
+        the requests refused with 503 while PostgreSQL was down (the access logs)."""
+        cuts = [
+            line for line in read_json_lines(self.cluster.workdir / "proxy.log") if "cut" in line
+        ]
+        refusals = [
+            datetime.fromisoformat(line["time"]).timestamp()
+            for server in self.cluster.servers
+            for log in server.data_dir.glob("server-*.log")
+            for line in read_json_lines(log)
+            if line.get("logger") == "state_manager.access" and line.get("status") == 503
+        ]
+        for index, fault in enumerate(self.faults):
+            if fault.kind == "server":
+                port = self.killed_ports[index]
+                kinds = Counter(
+                    str(cut.get("request"))
+                    for cut in cuts
+                    if cut["cut"] == port and fault.at - 1 <= cut["t"] <= fault.back_at
+                )
+                listed = ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items()))
+                fault.hit = f"requests cut: {listed or 'none'}"
+            elif fault.kind == "postgres":
+                count = sum(1 for t in refusals if fault.at <= t <= fault.back_at + 5)
+                fault.hit = f"{count} requests answered 503"
 
     async def wait_servers_recovered(self) -> None:
         """Wait until every server is ready and listening for notifications again (a
