@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from faults_analysis import Execution, Fault, StateFact, analyse, render
+from faults_analysis import Execution, Fault, Outcome, StateFact, analyse, render
 
 RUN_ID, LABEL, WIDTH = "run-1", "r00", 2
 T0 = 1_000.0  # seconds
@@ -50,14 +50,14 @@ def clean_run() -> tuple[list[StateFact], list[Execution]]:
     return states, executions
 
 
-def judge(
+def outcome_of(
     states: list[StateFact],
     executions: list[Execution],
     kills: dict[int, float] | None = None,
     faults: list[Fault] | None = None,
     status: str = "SUCCESS",
-) -> list[str]:
-    outcome = analyse(
+) -> Outcome:
+    return analyse(
         labels={RUN_ID: LABEL},
         width=WIDTH,
         states=states,
@@ -66,7 +66,16 @@ def judge(
         faults=faults or [],
         run_status={RUN_ID: status},
     )
-    return outcome.failures()
+
+
+def judge(
+    states: list[StateFact],
+    executions: list[Execution],
+    kills: dict[int, float] | None = None,
+    faults: list[Fault] | None = None,
+    status: str = "SUCCESS",
+) -> list[str]:
+    return outcome_of(states, executions, kills, faults, status).failures()
 
 
 def test_a_clean_run_passes() -> None:
@@ -117,15 +126,7 @@ def retried_item(kill_at: float | None) -> Scenario:
 def test_a_repeat_after_a_kill_is_allowed_and_counted() -> None:
     states, executions, kills = retried_item(kill_at=T0 + 1.2)
     assert judge(states, executions, kills) == []
-    outcome = analyse(
-        labels={RUN_ID: LABEL},
-        width=WIDTH,
-        states=states,
-        executions=executions,
-        kills=kills,
-        faults=[],
-        run_status={RUN_ID: "SUCCESS"},
-    )
+    outcome = outcome_of(states, executions, kills)
     assert (outcome.repeats_after_kill, outcome.executed_twice) == (1, 1)
 
 
@@ -165,30 +166,14 @@ def test_a_success_nobody_executed_is_found() -> None:
 def test_recovery_waits_for_every_task_in_flight_and_for_the_component() -> None:
     states, executions, kills = retried_item(kill_at=T0 + 1.2)
     fault = Fault("worker", "pid 13", at=T0 + 1.2, back_at=T0 + 1.5, watched=frozenset({"w0a"}))
-    outcome = analyse(
-        labels={RUN_ID: LABEL},
-        width=WIDTH,
-        states=states,
-        executions=executions,
-        kills=kills,
-        faults=[fault],
-        run_status={RUN_ID: "SUCCESS"},
-    )
+    outcome = outcome_of(states, executions, kills, [fault])
     (result,) = outcome.faults
     assert result.taken_back == 1
     assert result.recovery_s is not None and round(result.recovery_s, 3) == 8.3  # w0 at 9.5
     assert "| 1 | kill -9 worker + restart: pid 13 |" in render("t", outcome, T0)
 
     quick = replace(fault, watched=frozenset({"w1"}), back_at=T0 + 4.0)
-    outcome = analyse(
-        labels={RUN_ID: LABEL},
-        width=WIDTH,
-        states=states,
-        executions=executions,
-        kills=kills,
-        faults=[quick],
-        run_status={RUN_ID: "SUCCESS"},
-    )
+    outcome = outcome_of(states, executions, kills, [quick])
     recovery = outcome.faults[0].recovery_s
     assert recovery is not None and round(recovery, 3) == 2.8  # the component came back last
 
