@@ -77,9 +77,10 @@ WORKER = HERE / "faults_worker.py"
 NAMESPACE = "faults"
 LEASE_SECONDS = 6
 HEARTBEAT_SECONDS = 1.0
-# A server kill waits this long at most for the server to be busy with one of these.
+# A server kill waits this long at most for the server to be busy with a report (one
+# route per outcome, or several with a claim in states/exchange).
 AIM_SECONDS = 5.0
-REPORTS = frozenset({"executed", "errored", "prune", "re-enqueue-after"})
+REPORTS = frozenset({"executed", "errored", "prune", "re-enqueue-after", "exchange"})
 
 
 @dataclass(frozen=True)
