@@ -29,7 +29,7 @@ from state_manager.app import create_app
 from state_manager.settings import Mode, Settings, generate_encryption_key
 from state_manager.store.database import Database
 from state_manager.store.queries import StateRow
-from state_manager.store.tables import fanin_groups
+from state_manager.store.tables import fanin_groups, states
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -194,6 +194,21 @@ async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, An
                 sa.select(fanin_groups).where(fanin_groups.c.run_id == run_id)
             )
             return [dict(row) for row in result.mappings()]
+    finally:
+        await db.close()
+
+
+async def claimed_state_ids(database_url: str, namespace: str) -> set[str]:
+    """Ids of the claimed (QUEUED) states of ``namespace``."""
+    db = Database(database_url, pool_size=1)
+    try:
+        async with db.read() as tx:
+            result = await tx._execute(
+                sa.select(states.c.id).where(
+                    states.c.namespace == namespace, states.c.status == "QUEUED"
+                )
+            )
+            return {str(row[0]) for row in result}
     finally:
         await db.close()
 

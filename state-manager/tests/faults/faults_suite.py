@@ -51,7 +51,6 @@ for folder in (HERE, TESTS):  # when run as a script rather than under pytest
 
 import faults_worker  # noqa: E402
 import httpx  # noqa: E402
-import sqlalchemy as sa  # noqa: E402
 from exospherehost import StateManager  # noqa: E402
 from faults_analysis import (  # noqa: E402
     Execution,
@@ -65,12 +64,12 @@ from sm_support import (  # noqa: E402
     API_KEY,
     PostgresCluster,
     ServerProcess,
+    claimed_state_ids,
     free_port,
     read_states,
     wait_registered,
 )
-from state_manager.store.database import LISTENER_APPLICATION_NAME, Database  # noqa: E402
-from state_manager.store.tables import states as states_table  # noqa: E402
+from state_manager.store.database import LISTENER_APPLICATION_NAME  # noqa: E402
 
 PROXY = HERE / "faults_proxy.py"
 WORKER = HERE / "faults_worker.py"
@@ -346,17 +345,7 @@ def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> None:
 
 async def in_flight(database_url: str) -> set[str]:
     """Ids of the claimed states (QUEUED) of the suite's namespace, straight from the database."""
-    db = Database(database_url, pool_size=1)
-    try:
-        async with db.read() as tx:
-            result = await tx.connection.execute(
-                sa.select(states_table.c.id).where(
-                    states_table.c.namespace == NAMESPACE, states_table.c.status == "QUEUED"
-                )
-            )
-            return {str(row[0]) for row in result}
-    finally:
-        await db.close()
+    return await claimed_state_ids(database_url, NAMESPACE)
 
 
 async def listeners(database_url: str) -> int:
