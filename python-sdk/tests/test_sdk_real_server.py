@@ -18,7 +18,7 @@ from exospherehost import GraphNodeModel, Runtime, StateManager
 from exospherehost._http import Backoff
 from exospherehost.errors import GraphValidationError
 from exospherehost.models import RunStatus, RunSummary
-from sm_support import ServerProcess, make_database, unique_namespace
+from sm_support import ServerProcess, make_database, unique_namespace, wait_registered
 
 SCENARIO = Path(sdk_scenario.__file__)
 RUN_TIMEOUT = 120.0
@@ -72,19 +72,6 @@ async def manager(sm_server: ServerProcess) -> AsyncIterator[StateManager]:
         yield sm
 
 
-async def wait_registered(server: ServerProcess, namespace: str, count: int) -> None:
-    """Wait until a worker process has registered ``count`` nodes in ``namespace``."""
-    async with httpx.AsyncClient(
-        base_url=server.base_url, headers={"x-api-key": server.key}
-    ) as http:
-        async with asyncio.timeout(60):
-            while True:
-                response = await http.get(f"/v0/namespace/{namespace}/nodes/")
-                if response.status_code == 200 and response.json()["count"] >= count:
-                    return
-                await asyncio.sleep(0.1)
-
-
 async def wait_run(sm: StateManager, run_id: str) -> RunSummary:
     async with asyncio.timeout(RUN_TIMEOUT):
         while True:
@@ -123,7 +110,7 @@ async def test_end_to_end_scenario(
         for index in range(2)
     ]
     try:
-        await wait_registered(server, namespace, len(sdk_scenario.NODES))
+        await wait_registered(server.base_url, server.key, namespace, len(sdk_scenario.NODES))
         async with StateManager(namespace, state_manager_uri=server.base_url, key=server.key) as sm:
             await run_scenario(sm)
         for worker in workers:
@@ -176,7 +163,9 @@ async def test_sigterm_lets_the_running_node_finish(
     sm_server: ServerProcess, manager: StateManager, start_worker: WorkerFactory
 ) -> None:
     worker = start_worker(manager.namespace)
-    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
+    await wait_registered(
+        sm_server.base_url, sm_server.key, manager.namespace, len(sdk_scenario.NODES)
+    )
     await manager.upsert_graph(
         "sleepy",
         [
@@ -235,7 +224,9 @@ async def test_run_until_idle_in_process(sm_server: ServerProcess, manager: Stat
         wait_ms=2000,
     )
     registration = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.5))
-    await wait_registered(sm_server, manager.namespace, len(sdk_scenario.NODES))
+    await wait_registered(
+        sm_server.base_url, sm_server.key, manager.namespace, len(sdk_scenario.NODES)
+    )
     await registration  # nothing to do yet: returns once idle
     await upsert_scenario(manager)
     run = await manager.trigger("scenario", store={"count": "50"})
@@ -313,7 +304,7 @@ async def test_result_survives_a_server_crash(tmp_path: Path) -> None:
     namespace = unique_namespace("crash")
     worker = spawn_worker(server, namespace, tmp_path / "worker.log")
     try:
-        await wait_registered(server, namespace, len(sdk_scenario.NODES))
+        await wait_registered(server.base_url, server.key, namespace, len(sdk_scenario.NODES))
         async with StateManager(namespace, state_manager_uri=server.base_url, key=server.key) as sm:
             await sm.upsert_graph(
                 "sleepy",

@@ -6,10 +6,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -27,7 +29,7 @@ from state_manager.app import create_app
 from state_manager.settings import Mode, Settings, generate_encryption_key
 from state_manager.store.database import Database
 from state_manager.store.queries import StateRow
-from state_manager.store.tables import fanin_groups
+from state_manager.store.tables import fanin_groups, states
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -158,6 +160,18 @@ def serve(settings: Settings, *, run_background: bool = True) -> Iterator[Runnin
         thread.join(timeout=30)
 
 
+async def wait_registered(base_url: str, key: str, namespace: str, count: int) -> None:
+    """Wait (up to a minute) until ``count`` nodes are registered in ``namespace``."""
+    async with httpx.AsyncClient(base_url=base_url, headers={"x-api-key": key}) as http:
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    response = await http.get(f"/v0/namespace/{namespace}/nodes/")
+                    if response.status_code == 200 and response.json()["count"] >= count:
+                        return
+                await asyncio.sleep(0.1)
+
+
 # -- direct database reads ----------------------------------------------------------
 
 
@@ -180,6 +194,21 @@ async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, An
                 sa.select(fanin_groups).where(fanin_groups.c.run_id == run_id)
             )
             return [dict(row) for row in result.mappings()]
+    finally:
+        await db.close()
+
+
+async def claimed_state_ids(database_url: str, namespace: str) -> set[str]:
+    """Ids of the claimed (QUEUED) states of ``namespace``."""
+    db = Database(database_url, pool_size=1)
+    try:
+        async with db.read() as tx:
+            result = await tx._execute(
+                sa.select(states.c.id).where(
+                    states.c.namespace == namespace, states.c.status == "QUEUED"
+                )
+            )
+            return {str(row[0]) for row in result}
     finally:
         await db.close()
 
@@ -352,3 +381,161 @@ def server_process(
         yield server
     finally:
         server.stop()
+
+
+# -- a PostgreSQL cluster of a test's own -----------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of ``initdb``/``pg_ctl``: ``pg_config --bindir``, else the newest
+    ``/usr/lib/postgresql/N/bin``."""
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        found = subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if (Path(found) / "initdb").exists():
+            return Path(found)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda path: int(path.parent.parent.name) if path.parent.parent.name.isdigit() else 0,
+    )
+    return candidates[-1].parent if candidates else None
+
+
+@dataclass
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster (``initdb`` into a temporary folder, its own port),
+    which a test may stop, crash and restart without disturbing the shared server.
+
+    As root, the cluster runs as the ``postgres`` OS user (PostgreSQL refuses root).
+    Use :meth:`create` (or :func:`postgres_cluster`); :meth:`destroy` stops it and
+    removes every file.
+    """
+
+    root: Path
+    bindir: Path
+    port: int = field(default_factory=free_port)
+    run_as: str | None = None
+
+    @classmethod
+    def create(cls) -> PostgresCluster:
+        """Initialise a cluster (not started); skip locally, fail in CI, when it cannot be."""
+        bindir = postgres_bindir()
+        run_as = "postgres" if os.geteuid() == 0 else None
+        problem = None
+        if bindir is None:
+            problem = "no PostgreSQL server binaries (initdb) found"
+        elif run_as is not None and shutil.which("runuser") is None:
+            problem = "running as root, but runuser is missing to drop to the postgres user"
+        if problem is not None:
+            if os.environ.get("CI"):
+                pytest.fail(f"a PostgreSQL cluster of its own is required in CI: {problem}")
+            pytest.skip(problem)
+        assert bindir is not None
+        # Outside pytest's tmp_path: the postgres user must be able to reach the folder.
+        root = Path(tempfile.mkdtemp(prefix="exo-pg-"))
+        cluster = cls(root=root, bindir=bindir, run_as=run_as)
+        try:
+            cluster.socket_dir.mkdir()
+            if run_as is not None:
+                shutil.chown(root, user=run_as)
+                shutil.chown(cluster.socket_dir, user=run_as)
+            cluster._run(
+                "initdb", "-D", str(cluster.data_dir), "-U", "postgres", "-A", "trust",
+                "-E", "UTF8", "--locale=C", "--no-sync",
+            )  # fmt: skip
+            settings = {
+                "listen_addresses": "'127.0.0.1'",
+                "port": str(cluster.port),
+                "unix_socket_directories": f"'{cluster.socket_dir}'",
+                "max_connections": "300",
+                "shared_buffers": "32MB",
+                # Faults here are process crashes, never power cuts: the page cache survives.
+                "fsync": "off",
+            }
+            with (cluster.data_dir / "postgresql.conf").open("a") as conf:
+                conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        except BaseException:
+            cluster.destroy()
+            raise
+        return cluster
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "socket"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "postgres.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bindir / tool), *args]
+        if self.run_as is not None:
+            command = ["runuser", "-u", self.run_as, "--", *command]
+        result = subprocess.run(
+            command, capture_output=True, text=True, cwd=self.root, stdin=subprocess.DEVNULL
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{tool} {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}\n{self.log_tail()}"
+            )
+
+    def log_tail(self, size: int = 3000) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-size:]
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_path), "-w", "-t", "60",
+                  "start")  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``immediate`` is a crash (every backend killed, WAL replayed
+        at the next start)."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self.data_dir / "postmaster.pid").exists()
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name``; returns its URL."""
+        import asyncpg
+
+        async def run() -> None:
+            connection = await asyncpg.connect(self.url(), timeout=10)
+            try:
+                await connection.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await connection.close()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(asyncio.run, run()).result()
+        return self.url(name)
+
+    def destroy(self) -> None:
+        """Stop the server (if running) and remove the cluster's files."""
+        if self.running:
+            with contextlib.suppress(RuntimeError):
+                self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A started :class:`PostgresCluster`, destroyed when the block exits."""
+    cluster = PostgresCluster.create()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DBAPIError
 
 from state_manager import __version__, dashboard
 from state_manager.api.middleware import RequestContextMiddleware
@@ -21,7 +22,7 @@ from state_manager.metrics import Metrics
 from state_manager.services import operations, writes
 from state_manager.services.context import Context
 from state_manager.settings import Settings
-from state_manager.store.database import Database
+from state_manager.store.database import Database, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     @app.exception_handler(StateManagerError)
     async def _domain_error(_request: Request, exc: StateManagerError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        error = unavailable(exc)
+        if error is None:
+            raise exc  # a bug: the request middleware logs it and answers 500
+        logger.warning(
+            "database unavailable: %s", type(exc).__name__, extra={"path": request.url.path}
+        )
+        return await _domain_error(request, error)
 
     @app.exception_handler(SecretDecryptionError)
     async def _secret_error(_request: Request, exc: SecretDecryptionError) -> JSONResponse:

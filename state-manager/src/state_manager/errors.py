@@ -7,6 +7,7 @@
     ├── InvalidRequest      400
     ├── Conflict            409
     ├── PayloadTooLarge     413
+    ├── DatabaseUnavailable 503 (disk full, connection lost or refused, server restarting)
     └── DatabaseNotMigrated (start-up and readiness only)
 """
 
@@ -37,6 +38,12 @@ class Conflict(StateManagerError):
 
 class PayloadTooLarge(StateManagerError):
     status_code = 413
+
+
+class DatabaseUnavailable(StateManagerError):
+    """The database cannot serve the request now; the same request may succeed later."""
+
+    status_code = 503
 
 
 class DatabaseNotMigrated(StateManagerError):

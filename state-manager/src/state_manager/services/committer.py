@@ -10,7 +10,8 @@ Operations are independent: each gets its own outcome. Two operations on the sam
 never share a batch (the later one waits for the next batch), and operations submitted
 together (:meth:`Committer.submit_all`) always share one. If a batch fails as a whole
 for a reason that a single operation may have caused, its operations are applied again
-one by one, so only the culprit fails.
+one by one, so only the culprit fails; a database that cannot serve (down, unreachable,
+disk full) fails them all alike, so such a batch is not split.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-
 from state_manager.services.ops import Op, StateOp
+from state_manager.store.database import unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ class _Entry:
     def __post_init__(self) -> None:
         ids = (op.state_id.lower() for op in self.ops if isinstance(op, StateOp))
         self.state_ids = frozenset(ids)
-
-
-def _may_be_one_operation(error: BaseException) -> bool:
-    """Whether one operation of a batch may have caused ``error`` (then the batch is split).
-
-    A lost connection, a database that is down or a full disk fail every operation alike.
-    """
-    return not isinstance(error, OperationalError | InterfaceError)
 
 
 class Committer:
@@ -155,9 +147,12 @@ class Committer:
         try:
             return await apply(ops)
         except Exception as exc:
-            if len(ops) == 1 or not _may_be_one_operation(exc):
-                logger.exception("a batch of %d operation(s) failed", len(ops))
+            if unavailable(exc) is not None:
+                logger.warning("the database cannot serve %d operation(s): %s", len(ops), exc)
                 return [exc] * len(ops)
+            if len(ops) == 1:
+                logger.exception("an operation failed")
+                return [exc]
             logger.warning(
                 "a batch of %d operations failed (%r); applying them one by one", len(ops), exc
             )

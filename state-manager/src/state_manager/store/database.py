@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -34,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from state_manager.errors import DatabaseNotMigrated
+from state_manager.errors import DatabaseNotMigrated, DatabaseUnavailable
 from state_manager.store.hot import dumps_json
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
@@ -42,6 +43,9 @@ from state_manager.store.tables import schema_migrations
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "exosphere_work"
+# The LISTEN connection's name in pg_stat_activity; checked this often, reopened if lost.
+LISTENER_APPLICATION_NAME = "exosphere-listener"
+LISTEN_CHECK_SECONDS = 1.0
 # PostgreSQL aborts one of two transactions that deadlock (40P01) or cannot be
 # serialised (40001); running it again is the documented remedy.
 TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
@@ -55,6 +59,47 @@ def is_transient(error: DBAPIError) -> bool:
     original = error.orig
     code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
     return code in TRANSIENT_SQLSTATES or "database is locked" in str(original)
+
+
+async def _alive(connection: Any) -> bool:
+    """Whether an asyncpg connection still answers (within five seconds)."""
+    if connection.is_closed():
+        return False
+    try:
+        await connection.fetchval("SELECT 1", timeout=5)
+    except Exception:
+        return False
+    return True
+
+
+# A server shutting down (57P01, 57P02) or starting up (57P03); class 08 is a
+# connection failure.
+UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+DISK_FULL = (
+    "The database's disk is full, so nothing was written. "
+    "Writes resume by themselves once space is freed."
+)
+UNREACHABLE = (
+    "The database is unreachable or restarting; retry the request. "
+    "A write cut off while it was committing may have been applied."
+)
+
+
+def unavailable(error: BaseException) -> DatabaseUnavailable | None:
+    """The error to answer (503) when ``error`` says the database cannot serve now: its
+    disk is full, or the connection was refused, lost, or the server is restarting.
+    ``None`` for any other error (a bug, answered 500)."""
+    if isinstance(error, OSError):  # refused, reset or timed out while connecting
+        return DatabaseUnavailable(UNREACHABLE)
+    if not isinstance(error, DBAPIError):
+        return None
+    original = error.orig
+    if getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return DatabaseUnavailable(DISK_FULL)
+    code = str(getattr(original, "pgcode", None) or getattr(original, "sqlstate", None) or "")
+    if error.connection_invalidated or code.startswith("08") or code in UNAVAILABLE_SQLSTATES:
+        return DatabaseUnavailable(UNREACHABLE)
+    return None
 
 
 def driver_url(url: str) -> str:
@@ -96,6 +141,7 @@ class Database:
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
         self.on_work: Callable[[str], None] | None = None
         self._listener: Any = None
+        self._keeper: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._writer: Connection | None = None
         self.engine: Engine | AsyncEngine
@@ -263,21 +309,61 @@ class Database:
     # -- notifications ----------------------------------------------------------------
 
     async def start_listening(self) -> None:
-        """On PostgreSQL, forward NOTIFYs from any replica to ``on_work``."""
+        """On PostgreSQL, forward NOTIFYs from any replica to ``on_work``.
+
+        The LISTEN connection is checked every :data:`LISTEN_CHECK_SECONDS` and opened
+        again when it is lost (PostgreSQL restarted or failed over), so wake-ups across
+        replicas resume on their own. Notifications sent while it is down are missed;
+        long polls re-check the database every few seconds regardless.
+        """
         if self.dialect != "postgresql" or self.on_work is None:
             return
+        await self._listen()
+        self._keeper = asyncio.create_task(self._keep_listening())
+
+    async def _listen(self) -> None:
         import asyncpg  # type: ignore[import-untyped]  # only needed for PostgreSQL
 
-        dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        self._listener = await asyncpg.connect(dsn)
         callback = self.on_work
+        assert callback is not None
 
         def _forward(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
             callback(payload)
 
-        await self._listener.add_listener(NOTIFY_CHANNEL, _forward)
+        dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        connection = await asyncpg.connect(
+            dsn, timeout=10, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+        )
+        try:
+            await connection.add_listener(NOTIFY_CHANNEL, _forward)
+        except BaseException:
+            connection.terminate()
+            raise
+        self._listener = connection
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(LISTEN_CHECK_SECONDS)
+            listener = self._listener
+            if listener is not None and await _alive(listener):
+                continue
+            if listener is not None:
+                logger.warning("lost the connection listening for work notifications")
+                listener.terminate()
+                self._listener = None
+            try:
+                await self._listen()
+            except Exception as exc:
+                logger.warning("cannot listen for work notifications yet: %s", type(exc).__name__)
+            else:
+                logger.warning("listening for work notifications again")
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()

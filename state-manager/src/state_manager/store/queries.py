@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
@@ -205,6 +206,12 @@ class TriggerRow:
     trigger_status: str
 
 
+def _wrapped(sql: str, params: Any, error: sqlite3.Error) -> StatementError:
+    """A driver error as SQLAlchemy would have raised it (a ``DBAPIError``), so callers see
+    one kind of error whichever way a statement was sent (transient retries, 503s)."""
+    return DBAPIError.instance(sql, params, error, sqlite3.Error)
+
+
 class Tx:
     """Typed queries over one connection in one transaction."""
 
@@ -228,15 +235,21 @@ class Tx:
         if isinstance(self.connection, AsyncConnection):
             result = await self.connection.exec_driver_sql(sql, tuple(params))
             return list(result) if result.returns_rows else []
-        cursor = self._sqlite().execute(sql, hot.sqlite_params(params))
-        rows: list[Sequence[Any]] = cursor.fetchall()
+        try:
+            cursor = self._sqlite().execute(sql, hot.sqlite_params(params))
+            rows: list[Sequence[Any]] = cursor.fetchall()
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, params, exc) from exc
         return rows
 
     async def _driver_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if isinstance(self.connection, AsyncConnection):
             await self.connection.exec_driver_sql(sql, [tuple(p) for p in params])
         else:
-            self._sqlite().executemany(sql, [hot.sqlite_params(p) for p in params])
+            try:
+                self._sqlite().executemany(sql, [hot.sqlite_params(p) for p in params])
+            except sqlite3.Error as exc:
+                raise _wrapped(sql, params, exc) from exc
 
     def _sqlite(self) -> sqlite3.Connection:
         assert isinstance(self.connection, Connection)
