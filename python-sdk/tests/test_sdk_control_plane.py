@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from exospherehost import GraphNodeModel, RetryPolicyModel, RetryStrategyEnum, StateManager
+from exospherehost import (
+    GraphNodeModel,
+    RetryPolicyModel,
+    RetryStrategyEnum,
+    StateManager,
+    StoreConfigModel,
+)
 from exospherehost.errors import ApiError
 from exospherehost.models import RunStatus
 from sm_support import ServerProcess, unique_namespace
@@ -93,3 +99,45 @@ async def test_control_plane_calls(sm_server: ServerProcess, api: httpx.AsyncCli
         with pytest.raises(ApiError) as unknown:
             await sm.get_run_details("no-such-run")
         assert unknown.value.status_code == 404
+
+
+async def test_trigger_many_starts_runs_in_chunks(
+    sm_server: ServerProcess, api: httpx.AsyncClient
+) -> None:
+    namespace = unique_namespace("many")
+    base = f"/v0/namespace/{namespace}"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    registered = await api.put(
+        f"{base}/nodes/",
+        json={
+            "runtime_name": "rt",
+            "nodes": [
+                {"name": "Greet", "inputs_schema": schema, "outputs_schema": {}, "secrets": []}
+            ],
+        },
+    )
+    assert registered.status_code == 200, registered.text
+    async with StateManager(namespace, sm_server.base_url, sm_server.key) as sm:
+        await sm.upsert_graph(
+            "g",
+            [GraphNodeModel(node_name="Greet", namespace=namespace, identifier="greet",
+                            inputs={"name": "${{ store.who }}"})],
+            {},
+            store_config=StoreConfigModel(required_keys=["who"]),
+            validation_timeout=30,
+            polling_interval=0.1,
+        )  # fmt: skip
+        runs = [{"store": {"who": f"w{i}"}} for i in range(7)] + [{"inputs": {"name": "lit"}}]
+        with pytest.raises(ApiError) as refused:  # the store key is missing in the last run
+            await sm.trigger_many("g", runs)
+        assert refused.value.status_code == 400
+        assert "Run 8" in refused.value.detail
+        run_ids = await sm.trigger_many("g", runs[:7], chunk_size=3)
+    assert len(set(run_ids)) == 7
+    claimed = await api.post(f"{base}/states/enqueue", json={"nodes": ["Greet"], "batch_size": 100})
+    assert sorted(s["inputs"]["name"] for s in claimed.json()["states"]) == [
+        f"w{i}" for i in range(7)
+    ]
+    for run_id in run_ids:
+        summary = await api.get(f"{base}/run/{run_id}")
+        assert summary.json()["total_count"] == 1

@@ -168,3 +168,17 @@ def test_usable_across_event_loops(fake: FakeStateManager, sm: StateManager) -> 
     fake.graphs["g"] = {"validation_status": "VALID", "validation_errors": []}
     for _ in range(2):
         assert asyncio.run(sm.get_graph("g"))["validation_status"] == "VALID"
+
+
+async def test_trigger_many_falls_back_to_one_trigger_per_run(
+    fake: FakeStateManager, sm: StateManager
+) -> None:
+    """The original state manager has no batch route: each run is one trigger, in order."""
+    fake.graphs["g"] = {"validation_status": "VALID"}
+    run_ids = await sm.trigger_many("g", [{"store": {"k": str(i)}} for i in range(3)])
+    assert len(fake.calls_to("POST", r"/graph/g/runs$")) == 1  # asked once
+    triggers = fake.calls_to("POST", r"/graph/g/trigger$")
+    assert [call.body["store"] for call in triggers] == [{"k": "0"}, {"k": "1"}, {"k": "2"}]
+    assert len(run_ids) == 3
+    await sm.trigger_many("g", [{}])
+    assert len(fake.calls_to("POST", r"/graph/g/runs$")) == 1  # not asked again

@@ -143,3 +143,40 @@ async def test_a_pending_template_cannot_be_triggered(database_url: str, tmp_pat
             assert r.json()["validation_status"] == "PENDING"
             expect_error(await api.trigger_raw("g", {}), 400, "Graph template is not valid")
             assert (await api.get_graph("g"))["validation_status"] == "PENDING"
+
+
+async def test_several_runs_start_in_one_request_all_or_none(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    api = Api(client, NS)
+    await _graph(api)
+    url = f"{api.base}/graph/g/runs"
+    runs = [{"store": {"k": str(i)}} for i in range(3)] + [
+        {"store": {"k": "late"}, "inputs": {"x": "given"}, "start_delay": 60_000}
+    ]
+    r = await client.post(url, json={"runs": runs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "CREATED" and len(body["run_ids"]) == 4
+    assert len(set(body["run_ids"])) == 4
+    claimed = {s["inputs"]["x"] for s in await api.claim("A", batch_size=10)}
+    assert claimed == {"0", "1", "2"}  # the delayed run is not due yet
+    for run_id, k in zip(body["run_ids"], ["0", "1", "2", "late"], strict=True):
+        (root,) = await read_states(database_url, NS, run_id)
+        assert root.inputs["x"] == ("given" if k == "late" else k)
+
+    # One run that cannot start refuses the whole request, naming it; nothing is created.
+    listed = (await client.get(f"{api.base}/runs/1/100")).json()["total"]
+    bad = [{"store": {"k": "1"}}, {"store": {}}]
+    expect_error(await client.post(url, json={"runs": bad}), 400, "Run 2: Missing store keys: k")
+    assert (await client.get(f"{api.base}/runs/1/100")).json()["total"] == listed
+    expect_error(
+        await client.post(f"{api.base}/graph/nope/runs", json={"runs": [{}]}),
+        404,
+        f"Graph template nope not found in namespace {NS}",
+    )
+    assert error_locations(await client.post(url, json={"runs": []})) == [("body", "runs")]
+    too_many = [{"store": {"k": "x"}}] * 1001
+    expect_error(
+        await client.post(url, json={"runs": too_many}), 400, "1001 runs exceed the limit of 1000"
+    )

@@ -15,7 +15,15 @@ from state_manager.domain.models import NAME_MAX_LENGTH, GraphSpec, StateStatus
 from state_manager.errors import InvalidRequest, StateManagerError
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context, iso
-from state_manager.services.ops import Errored, Executed, Heartbeat, Pruned, Requeued, StateOp
+from state_manager.services.ops import (
+    Errored,
+    Executed,
+    Heartbeat,
+    Pruned,
+    Requeued,
+    RunRequest,
+    StateOp,
+)
 from state_manager.store.queries import ClaimedRow, GraphStateRow, TemplateRow
 
 
@@ -144,6 +152,28 @@ async def trigger_graph(
         ctx, namespace_name, graph_name, body.store, body.inputs, body.start_delay
     )
     return schemas.TriggerResponse(run_id=run_id)
+
+
+@ns.post("/graph/{graph_name}/runs", tags=["runs"])
+async def start_runs(
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    body: schemas.StartRunsRequest,
+    ctx: ContextDep,
+) -> schemas.StartRunsResponse:
+    """Extension: start several runs of one graph in one request and one transaction;
+    all of them or, when one cannot start (400 naming it), none."""
+    if len(body.runs) > ctx.settings.max_batch_size:
+        raise InvalidRequest(
+            f"{len(body.runs)} runs exceed the limit of {ctx.settings.max_batch_size}"
+        )
+    run_ids = await runs.trigger_many(
+        ctx,
+        namespace_name,
+        graph_name,
+        [RunRequest(run.store, run.inputs, run.start_delay) for run in body.runs],
+    )
+    return schemas.StartRunsResponse(run_ids=run_ids)
 
 
 # -- states -------------------------------------------------------------------------

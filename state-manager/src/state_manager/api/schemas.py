@@ -122,6 +122,17 @@ class TriggerResponse(BaseModel):
     run_id: str
 
 
+class StartRunsRequest(Body):
+    """Extension: several runs of one graph in one request, each as a trigger body."""
+
+    runs: list[TriggerRequest] = Field(min_length=1)
+
+
+class StartRunsResponse(BaseModel):
+    status: Literal["CREATED"] = "CREATED"
+    run_ids: list[str]
+
+
 class RunListItem(BaseModel):
     run_id: str
     graph_name: str

@@ -94,14 +94,21 @@ class LeaseExpired(StateOp[bool]):
 
 
 @dataclass(frozen=True, slots=True)
-class Trigger(Op[str]):
-    """Start a run. Outcome: the run id."""
+class RunRequest:
+    """What one run starts with: its store, literal root inputs, and a delay (ms)."""
+
+    store: dict[str, str]
+    inputs: dict[str, str]
+    start_delay: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger(Op[list[str]]):
+    """Start runs of one graph, all or none. Outcome: their run ids, in order."""
 
     namespace: str
     graph_name: str
-    store: dict[str, str]
-    inputs: dict[str, str]
-    start_delay: int
+    runs: tuple[RunRequest, ...]
     source: str = "api"
 
 

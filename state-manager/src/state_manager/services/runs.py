@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus
 from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import writes
 from state_manager.services.context import Context
-from state_manager.services.ops import Trigger
+from state_manager.services.ops import RunRequest, Trigger
 from state_manager.store.queries import GraphStateRow, StateRow
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,21 @@ async def trigger(
     source: str = "api",
 ) -> str:
     """Start a run: the run record, its store and the root state, in one transaction."""
-    return await ctx.committer.submit(
-        Trigger(namespace, graph_name, store, inputs, start_delay, source)
+    (run_id,) = await trigger_many(
+        ctx, namespace, graph_name, [RunRequest(store, inputs, start_delay)], source
     )
+    return run_id
+
+
+async def trigger_many(
+    ctx: Context,
+    namespace: str,
+    graph_name: str,
+    runs: Sequence[RunRequest],
+    source: str = "api",
+) -> list[str]:
+    """Start several runs of one graph in one transaction, all or none."""
+    return await ctx.committer.submit(Trigger(namespace, graph_name, tuple(runs), source))
 
 
 # -- cron ---------------------------------------------------------------------------
@@ -53,8 +66,8 @@ async def fire_due_trigger(ctx: Context) -> bool:
         error: str | None = None
         try:
             # Raises before writing anything when the run cannot start.
-            run_id = await writes.start_run(
-                ctx, tx, Trigger(record.namespace, record.graph_name, {}, {}, 0, "cron")
+            (run_id,) = await writes.start_runs(
+                ctx, tx, Trigger(record.namespace, record.graph_name, (RunRequest({}, {}),), "cron")
             )
         except StateManagerError as exc:
             error = exc.detail

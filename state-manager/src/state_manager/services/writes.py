@@ -40,6 +40,7 @@ from state_manager.services.ops import (
     Op,
     Pruned,
     Requeued,
+    RunRequest,
     StateOp,
     Trigger,
 )
@@ -75,14 +76,14 @@ async def run_batch(ctx: Context, ops: Sequence[Op[Any]]) -> list[Any]:
     return outcomes
 
 
-async def start_run(ctx: Context, tx: Tx, op: Trigger) -> str:
-    """Start one run inside the caller's transaction (cron); raises before writing anything
-    when the run cannot start."""
+async def start_runs(ctx: Context, tx: Tx, op: Trigger) -> list[str]:
+    """Start runs inside the caller's transaction (cron); raises before writing anything
+    when one cannot start."""
     batch = _Batch(ctx, ctx.clock())
     template = await tx.get_template(op.namespace, op.graph_name)
-    run_id = await batch.plan_run(tx, op, template)
+    run_ids = await batch.plan_runs(tx, op, template)
     await batch.write(tx)
-    return run_id
+    return run_ids
 
 
 def _change(state: StateCore, **values: Any) -> dict[str, Any]:
@@ -374,34 +375,55 @@ class _Batch:
                 templates[key] = await tx.get_template(*key)
         for index, op in items:
             try:
-                outcomes[index] = await self.plan_run(
+                outcomes[index] = await self.plan_runs(
                     tx, op, templates[(op.namespace, op.graph_name)]
                 )
             except StateManagerError as exc:
                 outcomes[index] = exc
                 continue
             metric = self.ctx.metrics.runs_triggered.labels(op.namespace, op.graph_name, op.source)
-            self.after_commit.append(metric.inc)
+            self.after_commit.append(functools.partial(metric.inc, len(op.runs)))
 
-    async def plan_run(self, tx: Tx, op: Trigger, template: TemplateRow | None) -> str:
-        """Gather the run record, its store and its root state; raise if it cannot start."""
+    async def plan_runs(self, tx: Tx, op: Trigger, template: TemplateRow | None) -> list[str]:
+        """Gather the runs' records, stores and root states; raise (gathering none of
+        them) if one cannot start."""
         if template is None:
             raise NotFound(f"Graph template {op.graph_name} not found in namespace {op.namespace}")
         if template.validation_status != ValidationStatus.VALID or template.version_id is None:
             raise InvalidRequest("Graph template is not valid")
         graph = await self.ctx.graphs.for_version(tx, template.version_id)
-        inputs = root_inputs(graph, op.store, op.inputs)
+        roots: list[dict[str, str]] = []
+        for number, run in enumerate(op.runs, 1):
+            try:
+                roots.append(root_inputs(graph, run.store, run.inputs))
+            except InvalidRequest as exc:
+                if len(op.runs) == 1:
+                    raise
+                raise InvalidRequest(f"Run {number}: {exc.detail}") from None
+        return [
+            self._plan_run(op, graph, template.version_id, run, inputs)
+            for run, inputs in zip(op.runs, roots, strict=True)
+        ]
+
+    def _plan_run(
+        self,
+        op: Trigger,
+        graph: CompiledGraph,
+        version_id: str,
+        run: RunRequest,
+        inputs: dict[str, str],
+    ) -> str:
         run_id = new_run_id()
         self.runs.append(
             {
                 "run_id": run_id,
                 "namespace": op.namespace,
                 "graph_name": op.graph_name,
-                "version_id": template.version_id,
+                "version_id": version_id,
                 "created_at": self.now,
             }
         )
-        self.stores += [{"run_id": run_id, "key": k, "value": v} for k, v in op.store.items()]
+        self.stores += [{"run_id": run_id, "key": k, "value": v} for k, v in run.store.items()]
         self.inserts.append(
             state_row(
                 namespace=op.namespace,
@@ -412,10 +434,10 @@ class _Batch:
                 parents={},
                 groups={},
                 now=self.now,
-                enqueue_after=self.now + op.start_delay,
+                enqueue_after=self.now + run.start_delay,
             )
         )
-        self.ctx.graphs.remember_runs({run_id: template.version_id})
+        self.ctx.graphs.remember_runs({run_id: version_id})
         return run_id
 
     # -- claims -----------------------------------------------------------------------------
