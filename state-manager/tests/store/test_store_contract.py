@@ -190,6 +190,17 @@ async def test_update_states_writes_every_mutable_column(db: Database) -> None:
         }
 
 
+async def test_work_claimed_by_its_own_transaction_wakes_nobody(db: Database) -> None:
+    rows = [new_state(), new_state(node_name="Other")]
+    async with db.write() as tx:
+        await tx.insert_states(rows)
+        assert tx.work_namespaces == {"ns"}
+        await tx.claim("ns", ["Work"], 10, now=1_000, lease_until=2_000)
+        assert tx.work_namespaces == {"ns"}  # the Other state is still waiting
+        await tx.claim("ns", ["Other"], 10, now=1_000, lease_until=2_000)
+        assert tx.work_namespaces == set()
+
+
 async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Database) -> None:
     retry = new_state(retry_count=1, fanout_id="f-1")
     same_retry = new_state(retry_count=1, fanout_id="f-1")

@@ -69,7 +69,7 @@ MAX_RETRY_DELAY_MS = 365 * 24 * 3_600_000
 async def run_batch(ctx: Context, ops: Sequence[Op[Any]]) -> list[Any]:
     """Apply ``ops`` in one transaction and return their outcomes once it has committed."""
     batch = _Batch(ctx, ctx.clock())
-    async with ctx.db.write() as tx:
+    async with ctx.db.write(batch=True) as tx:
         outcomes = await batch.apply(tx, ops)
     for effect in batch.after_commit:
         effect()

@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from state_manager.errors import DatabaseNotMigrated, DatabaseUnavailable
 from state_manager.store.hot import dumps_json
@@ -144,6 +144,8 @@ class Database:
         self._keeper: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._writer: Connection | None = None
+        self._batch_lock = asyncio.Lock()
+        self._batch_connection: AsyncConnection | None = None
         self.engine: Engine | AsyncEngine
         if self.dialect == "sqlite":
             path = make_url(self.url).database
@@ -174,15 +176,22 @@ class Database:
     # -- transactions -----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[Tx]:
-        """A read-write transaction; committed when the block exits without error."""
-        async with self._write_lock if self.dialect == "sqlite" else contextlib.nullcontext():
-            if self.dialect == "sqlite":
-                async with self._sqlite_write() as tx:
-                    yield tx
-            else:
-                async with self._postgres_transaction(write=True) as tx:
-                    yield tx
+    async def write(self, *, batch: bool = False) -> AsyncIterator[Tx]:
+        """A read-write transaction; committed when the block exits without error.
+
+        ``batch``: the committer's transaction. It runs on a connection kept for it (on
+        SQLite every write does), so a batch pays no pool checkout or liveness probe; one
+        batch runs at a time per process.
+        """
+        if self.dialect == "sqlite":
+            async with self._write_lock, self._sqlite_write() as tx:
+                yield tx
+        elif batch:
+            async with self._batch_lock, self._postgres_batch() as tx:
+                yield tx
+        else:
+            async with self._postgres_transaction(write=True) as tx:
+                yield tx
         if tx.work_namespaces and self.on_work is not None:
             for namespace in tx.work_namespaces:
                 self.on_work(namespace)
@@ -208,12 +217,41 @@ class Database:
         async with engine.connect() as connection, connection.begin():
             tx = Tx(connection, self.dialect)
             yield tx
-            if write and tx.work_namespaces:
-                for namespace in sorted(tx.work_namespaces):
-                    await connection.execute(
-                        sa.text("SELECT pg_notify(:channel, :payload)"),
-                        {"channel": NOTIFY_CHANNEL, "payload": namespace},
-                    )
+            if write:
+                await self._notify(connection, tx)
+
+    @contextlib.asynccontextmanager
+    async def _postgres_batch(self) -> AsyncIterator[Tx]:
+        connection = self._batch_connection
+        if connection is None or connection.closed or connection.invalidated:
+            engine = self.engine
+            assert isinstance(engine, AsyncEngine)
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+            self._batch_connection = None
+            connection = await engine.connect()
+            self._batch_connection = connection
+        try:
+            async with connection.begin():
+                tx = Tx(connection, self.dialect)
+                yield tx
+                await self._notify(connection, tx)
+        except BaseException:
+            # Whatever went wrong (a restart, a lost connection), start the next batch on
+            # a fresh connection rather than on one in an unknown state.
+            self._batch_connection = None
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+
+    async def _notify(self, connection: AsyncConnection, tx: Tx) -> None:
+        """Wake long polls on every replica for the work this transaction leaves."""
+        for namespace in sorted(tx.work_namespaces):
+            await connection.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": NOTIFY_CHANNEL, "payload": namespace},
+            )
 
     @contextlib.asynccontextmanager
     async def _sqlite_write(self) -> AsyncIterator[Tx]:
@@ -372,6 +410,10 @@ class Database:
             with contextlib.suppress(Exception):
                 self._writer.close()
             self._writer = None
+        if self._batch_connection is not None:
+            with contextlib.suppress(Exception):
+                await self._batch_connection.close()
+            self._batch_connection = None
         if isinstance(self.engine, AsyncEngine):
             await self.engine.dispose()
         else:

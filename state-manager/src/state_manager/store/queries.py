@@ -218,8 +218,9 @@ class Tx:
     def __init__(self, connection: AsyncConnection | Connection, dialect: str) -> None:
         self.connection = connection
         self.dialect = dialect
-        # Namespaces in which this transaction made work claimable (for wake-ups).
-        self.work_namespaces: set[str] = set()
+        # States this transaction made claimable and did not claim itself, by namespace:
+        # who waits for work there must be woken once it commits.
+        self._work: dict[str, set[str]] = {}
 
     # -- helpers ------------------------------------------------------------------
 
@@ -502,10 +503,15 @@ class Tx:
             )
             self._note_work(rows)
 
+    @property
+    def work_namespaces(self) -> set[str]:
+        """Namespaces where this transaction left work claimable (for wake-ups)."""
+        return {namespace for namespace, ids in self._work.items() if ids}
+
     def _note_work(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
             if row.get("status") == StateStatus.CREATED.value:
-                self.work_namespaces.add(row["namespace"])
+                self._work.setdefault(row["namespace"], set()).add(row["id"])
 
     async def get_state(self, state_id: str) -> StateRow | None:
         result = await self._execute(_STATE_BY_ID, {"id": state_id})
@@ -583,6 +589,7 @@ class Tx:
         )
         claimed = [ClaimedRow(**hot.claimed_values(row)) for row in rows]
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
+        self._work.get(namespace, set()).difference_update(s.id for s in claimed)
         return claimed
 
     async def next_claimable_at(self, namespace: str, node_names: Sequence[str]) -> int | None:
