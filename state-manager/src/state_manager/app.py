@@ -49,7 +49,9 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
         )
         db.on_work = context.notifier.notify
         await db.start_listening()
-        context.committer.start(functools.partial(writes.run_batch, context))
+        context.committer.start(
+            functools.partial(writes.run_batch, context), metrics.batch_operations.observe
+        )
         app.state.context = context
         tasks = loops.start(context) if run_background else []
         logger.info(

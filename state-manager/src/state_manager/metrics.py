@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
 
@@ -11,6 +18,8 @@ class Metrics:
     """Every metric the state manager exports. Counters move after their transaction commits."""
 
     def __init__(self) -> None:
+        # No *_created series: they double what a scrape carries and nothing here reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.states_claimed = Counter(
@@ -54,6 +63,12 @@ class Metrics:
             "exosphere_cron_fires_total",
             "Cron trigger records fired, by outcome (triggered or failed).",
             ["outcome"],
+            registry=r,
+        )
+        self.batch_operations = Histogram(
+            "exosphere_commit_batch_operations",
+            "Operations (reports, claims, triggers...) applied per committed transaction.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
         self.http_seconds = Histogram(

@@ -178,6 +178,10 @@ async def test_counters_and_gauges_move_by_what_the_run_did(
     assert moved(f"{transition}_bucket", namespace=NS, node="B", le="+Inf") == 4
     assert s4.value(f"{transition}_sum", namespace=NS, node="B") >= 0
 
+    # Every operation that reached the committer (refused ones too) was in some batch.
+    assert moved("exosphere_commit_batch_operations_sum") == 11
+    assert 1 <= moved("exosphere_commit_batch_operations_count") <= 11
+
     http = "exosphere_http_request_duration_seconds_count"
     expected_requests = {
         ("POST", f"{NS_ROUTE}/graph/{{graph_name}}/trigger", "200"): 1,
@@ -215,6 +219,7 @@ async def test_every_metric_family_is_exported_with_conventional_names(
         "exosphere_cron_fires": "counter",
         "exosphere_state_claim_to_report_seconds": "histogram",
         "exosphere_http_request_duration_seconds": "histogram",
+        "exosphere_commit_batch_operations": "histogram",
     }
     assert {name: result.types.get(name) for name in expected} == expected
     exported = {

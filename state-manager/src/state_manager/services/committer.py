@@ -52,12 +52,15 @@ class Committer:
         self._queue: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
         self._apply: Apply | None = None
+        self._observe: Callable[[int], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()  # nothing queued, nothing being applied
         self._drained.set()
 
-    def start(self, apply: Apply) -> None:
+    def start(self, apply: Apply, observe: Callable[[int], None] | None = None) -> None:
+        """Start applying batches with ``apply``; ``observe`` gets each batch's size."""
         self._apply = apply
+        self._observe = observe
         self._task = asyncio.create_task(self._run(), name="committer")
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -104,8 +107,11 @@ class Committer:
             entries = self._take()
             if not entries:
                 continue
+            ops = [op for entry in entries for op in entry.ops]
+            if self._observe is not None:
+                self._observe(len(ops))
             try:
-                outcomes = await self._apply_entries([op for e in entries for op in e.ops])
+                outcomes = await self._apply_entries(ops)
             except BaseException as exc:  # cancelled mid-batch: nobody may wait forever
                 for entry in entries:
                     if not entry.future.done():
