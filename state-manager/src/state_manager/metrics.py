@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,6 +22,7 @@ class Metrics:
     def __init__(self) -> None:
         # No *_created series: they double what a scrape carries and nothing here reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.states_claimed = Counter(
@@ -96,6 +99,15 @@ class Metrics:
             "1 if the last scrape could read state counts from the database, else 0.",
             registry=r,
         )
+
+    def child[M: (Counter, Histogram)](self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, looked up once per label set (the hot paths ask for
+        the same few children over and over)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return cast(M, found)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

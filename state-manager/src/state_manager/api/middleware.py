@@ -228,7 +228,10 @@ class RequestContextMiddleware:
     def _record(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
         template = route_template(scope)
-        self.metrics.http_seconds.labels(scope["method"], template, str(status)).observe(elapsed)
+        histogram = self.metrics.child(
+            self.metrics.http_seconds, scope["method"], template, str(status)
+        )
+        histogram.observe(elapsed)
         logger.info(
             "%s %s %s",
             scope["method"],

@@ -6,8 +6,8 @@ import hmac
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, status
-from pydantic import BaseModel
+import orjson
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
 
 from state_manager.api import schemas
 from state_manager.api.middleware import INTERNAL_ERROR
@@ -179,10 +179,16 @@ async def start_runs(
 # -- states -------------------------------------------------------------------------
 
 
-@ns.post("/states/enqueue", tags=["states"])
+def _json(payload: Any) -> Response:
+    """A JSON answer serialised once. The hot routes return it: their ``response_model``
+    documents the shape, and FastAPI would otherwise validate and serialise it again."""
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@ns.post("/states/enqueue", tags=["states"], response_model=schemas.EnqueueResponse)
 async def enqueue_states(
     namespace_name: Namespace, body: schemas.EnqueueRequest, ctx: ContextDep, request: Request
-) -> schemas.EnqueueResponse:
+) -> Response:
     claimed = await states.enqueue(
         ctx,
         namespace_name,
@@ -191,28 +197,34 @@ async def enqueue_states(
         body.wait_ms,
         caller_gone=request.is_disconnected,
     )
-    return schemas.EnqueueResponse(
-        count=len(claimed), namespace=namespace_name, states=_enqueued(claimed)
+    return _json(
+        {
+            "count": len(claimed),
+            "namespace": namespace_name,
+            "status": "QUEUED",
+            "states": _enqueued(claimed),
+        }
     )
 
 
-def _enqueued(claimed: list[ClaimedRow]) -> list[schemas.EnqueuedState]:
+def _enqueued(claimed: list[ClaimedRow]) -> list[dict[str, Any]]:
+    """Claimed states as ``EnqueuedState`` documents."""
     return [
-        schemas.EnqueuedState(
-            state_id=s.id,
-            node_name=s.node_name,
-            identifier=s.identifier,
-            inputs=s.inputs,
-            created_at=iso(s.created_at),
-        )
+        {
+            "state_id": s.id,
+            "node_name": s.node_name,
+            "identifier": s.identifier,
+            "inputs": s.inputs,
+            "created_at": iso(s.created_at),
+        }
         for s in claimed
     ]
 
 
-@ns.post("/states/exchange", tags=["states"])
+@ns.post("/states/exchange", tags=["states"], response_model=schemas.ExchangeResponse)
 async def exchange_states(
     namespace_name: Namespace, body: schemas.ExchangeRequest, ctx: ContextDep, request: Request
-) -> schemas.ExchangeResponse:
+) -> Response:
     """Extension: several reports and a claim in one request and one transaction.
 
     Each report gets the status and body its own route would have answered; the claim
@@ -235,10 +247,12 @@ async def exchange_states(
         states.ClaimRequest(claim.nodes, claim.batch_size, claim.wait_ms) if claim else None,
         caller_gone=request.is_disconnected,
     )
-    return schemas.ExchangeResponse(
-        namespace=namespace_name,
-        results=[_report_result(r, o) for r, o in zip(body.reports, outcomes, strict=True)],
-        states=_enqueued(claimed),
+    return _json(
+        {
+            "namespace": namespace_name,
+            "results": [_report_result(r, o) for r, o in zip(body.reports, outcomes, strict=True)],
+            "states": _enqueued(claimed),
+        }
     )
 
 
@@ -254,31 +268,25 @@ def _report_op(namespace: str, report: schemas.Report) -> StateOp[Any]:
     return Heartbeat(namespace, report.state_id)
 
 
-def _report_result(report: schemas.Report, outcome: Any) -> schemas.ReportResult:
-    """The answer the report's own route would have given."""
+def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
+    """The answer the report's own route would have given, as a ``ReportResult``."""
+    status, body, detail = 200, None, None
     if isinstance(outcome, StateManagerError):
-        return schemas.ReportResult(
-            state_id=report.state_id, status_code=outcome.status_code, detail=outcome.detail
-        )
-    if isinstance(outcome, BaseException):
+        status, detail = outcome.status_code, outcome.detail
+    elif isinstance(outcome, BaseException):
         logger.error("report of state %s failed", report.state_id, exc_info=outcome)
-        return schemas.ReportResult(
-            state_id=report.state_id, status_code=500, detail=INTERNAL_ERROR
-        )
-    answer: BaseModel
-    if isinstance(report, schemas.ExecutedReport):
-        answer = schemas.ExecutedResponse()
+        status, detail = 500, INTERNAL_ERROR
+    elif isinstance(report, schemas.ExecutedReport):
+        body = {"status": "EXECUTED"}
     elif isinstance(report, schemas.ErroredReport):
-        answer = schemas.ErroredResponse(status=outcome.status, retry_created=outcome.retry_created)
+        body = {"status": outcome.status.value, "retry_created": outcome.retry_created}
     elif isinstance(report, schemas.PruneReport):
-        answer = schemas.PruneResponse(enqueue_after=outcome)
+        body = {"enqueue_after": outcome, "status": "PRUNED"}
     elif isinstance(report, schemas.ReEnqueueAfterReport):
-        answer = schemas.ReEnqueueAfterResponse(enqueue_after=outcome)
+        body = {"enqueue_after": outcome, "status": "CREATED"}
     else:
-        answer = schemas.HeartbeatResponse(lease_expires_at=outcome)
-    return schemas.ReportResult(
-        state_id=report.state_id, status_code=200, body=answer.model_dump(mode="json")
-    )
+        body = {"lease_expires_at": outcome}
+    return {"state_id": report.state_id, "status_code": status, "body": body, "detail": detail}
 
 
 @ns.post("/state/{state_id}/executed", tags=["states"])

@@ -271,7 +271,9 @@ class _Batch:
             def inserted(new: bool, retry: dict[str, Any] = retry) -> None:
                 if new:
                     self.ledger.add(retry["groups"], None, StateStatus.CREATED)
-                    metric = self.ctx.metrics.retries.labels(state.namespace, state.node_name)
+                    metric = self.ctx.metrics.child(
+                        self.ctx.metrics.retries, state.namespace, state.node_name
+                    )
                     self.after_commit.append(metric.inc)
 
             self.optional.append((retry, inserted))
@@ -311,7 +313,8 @@ class _Batch:
                 updated_at=self.now,
             )
         )
-        metric = self.ctx.metrics.reports.labels(state.namespace, state.node_name, "requeued")
+        metrics = self.ctx.metrics
+        metric = metrics.child(metrics.reports, state.namespace, state.node_name, "requeued")
         self.after_commit.append(metric.inc)
         return enqueue_at
 
@@ -349,11 +352,11 @@ class _Batch:
 
     def _count_report(self, state: StateCore, kind: str) -> None:
         metrics = self.ctx.metrics
-        counter = metrics.reports.labels(state.namespace, state.node_name, kind)
+        counter = metrics.child(metrics.reports, state.namespace, state.node_name, kind)
         self.after_commit.append(counter.inc)
         if state.claimed_at is not None:
             seconds = (self.now - state.claimed_at) / 1000
-            histogram = metrics.transition_seconds.labels(state.namespace, state.node_name)
+            histogram = metrics.child(metrics.transition_seconds, state.namespace, state.node_name)
             self.after_commit.append(lambda: histogram.observe(seconds))
 
     def _lease_expired(self, state: StateCore) -> None:
@@ -450,7 +453,9 @@ class _Batch:
         claimed = await tx.claim(op.namespace, op.node_names, limit, self.now, lease_until)
         metrics = self.ctx.metrics.states_claimed
         for state in claimed:
-            self.after_commit.append(metrics.labels(state.namespace, state.node_name).inc)
+            self.after_commit.append(
+                self.ctx.metrics.child(metrics, state.namespace, state.node_name).inc
+            )
         return claimed
 
 
