@@ -7,7 +7,7 @@ import httpx
 import pytest
 from sm_support import RunningServer, make_database, serve, test_settings
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres", "mongo"]
 
 
 @pytest.fixture(params=BACKENDS)

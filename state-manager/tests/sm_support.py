@@ -1,8 +1,15 @@
-"""Test support: databases on both backends and a real server on loopback."""
+"""Test support: databases on every backend and a real server on loopback.
+
+A test database is named by a URL: ``sqlite:///...``, ``postgresql://...``, or for
+MongoDB ``mongodb://...#NAME`` (the server's URI, then the database name after ``#``;
+see :func:`mongo_parts`). MongoDB tests run against SecantusDB started here, or
+against the server of ``EXOSPHERE_TEST_MONGO_URI`` when it is set.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import os
@@ -27,13 +34,17 @@ import uvicorn
 from sm_api import REQUEST_ID_HEADER
 from state_manager.app import create_app
 from state_manager.settings import Mode, Settings, generate_encryption_key
+from state_manager.store import open_store
+from state_manager.store.contract import StateRow, Store
 from state_manager.store.database import Database
-from state_manager.store.queries import StateRow
+from state_manager.store.mongo import NAMES
 from state_manager.store.tables import fanin_groups, states
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+# A real MongoDB (replica set or Atlas) to test against instead of SecantusDB.
+MONGO_TEST_URI = os.environ.get("EXOSPHERE_TEST_MONGO_URI", "").strip()
 API_KEY = "test-api-key-" + uuid.uuid4().hex[:8]
 ENCRYPTION_KEY = generate_encryption_key()
 
@@ -72,16 +83,142 @@ def require_postgres() -> None:
         pytest.skip(f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {exc}")
 
 
+# -- MongoDB: SecantusDB started once per test session, or EXOSPHERE_TEST_MONGO_URI ----
+
+
+@dataclass
+class _Secantus:
+    process: subprocess.Popen[bytes] | None = None
+    uri: str = ""
+    root: Path | None = None
+    problem: str | None = None
+
+
+_SECANTUS = _Secantus()
+
+
+def _secantus_command() -> list[str]:
+    found = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
+    return [found]
+
+
+def _stop_secantus() -> None:
+    if _SECANTUS.process is not None and _SECANTUS.process.poll() is None:
+        _SECANTUS.process.terminate()
+        try:
+            _SECANTUS.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _SECANTUS.process.kill()
+    if _SECANTUS.root is not None:
+        shutil.rmtree(_SECANTUS.root, ignore_errors=True)
+
+
+def _mongo_ping(uri: str, timeout_ms: int = 2_000) -> dict[str, Any]:
+    import pymongo
+
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms) as client:
+        hello: dict[str, Any] = client.admin.command("hello")
+        return hello
+
+
+def secantus_uri() -> str:
+    """The URI of this test session's SecantusDB daemon (a separate process, on a
+    folder of its own), started at the first call."""
+    if _SECANTUS.uri or _SECANTUS.problem:
+        if _SECANTUS.problem:
+            raise RuntimeError(_SECANTUS.problem)
+        return _SECANTUS.uri
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="exo-secantus-"))
+    command = [*_secantus_command(), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--storage-path", str(root / "data"), "--log-level", "WARNING"]
+    try:
+        with (root / "secantus.log").open("wb") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+    except OSError as exc:
+        _SECANTUS.problem = f"cannot start SecantusDB ({command[0]}): {exc}"
+        raise RuntimeError(_SECANTUS.problem) from exc
+    _SECANTUS.process, _SECANTUS.root = process, root
+    atexit.register(_stop_secantus)
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            output = (root / "secantus.log").read_text(errors="replace")
+            _SECANTUS.problem = f"SecantusDB exited at start-up:\n{output}"
+            raise RuntimeError(_SECANTUS.problem)
+        try:
+            _mongo_ping(uri, 500)
+        except Exception:
+            if time.monotonic() > deadline:
+                _SECANTUS.problem = "SecantusDB did not answer within 60 s"
+                raise RuntimeError(_SECANTUS.problem) from None
+            time.sleep(0.1)
+            continue
+        _SECANTUS.uri = uri
+        return uri
+
+
+def mongo_server_uri() -> str:
+    """The MongoDB server under test: EXOSPHERE_TEST_MONGO_URI, else SecantusDB.
+    Skips locally, fails in CI, when it cannot be had."""
+    try:
+        if MONGO_TEST_URI:
+            _mongo_ping(MONGO_TEST_URI, 10_000)
+            return MONGO_TEST_URI
+        return secantus_uri()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"MongoDB (SecantusDB) is required in CI but unavailable: {exc}")
+        pytest.skip(f"MongoDB unavailable: {exc}")
+
+
+def is_mongo(url: str) -> bool:
+    return url.startswith(("mongodb://", "mongodb+srv://"))
+
+
+def mongo_parts(url: str) -> tuple[str, str]:
+    """A test MongoDB URL split into the server's URI and the database name."""
+    uri, _, name = url.rpartition("#")
+    return uri, name
+
+
+def store_env(url: str) -> dict[str, str]:
+    """The server's environment variables that select the test database ``url``."""
+    if is_mongo(url):
+        uri, name = mongo_parts(url)
+        return {"MONGO_URI": uri, "MONGO_DATABASE_NAME": name}
+    return {"DATABASE_URL": url}
+
+
+def open_test_store(url: str, pool_size: int = 10) -> Store:
+    """The store of the test database ``url`` (not migrated by this call)."""
+    return open_store(test_settings(url, Path(tempfile.gettempdir())), pool_size=pool_size)
+
+
+def drop_mongo_database(url: str) -> None:
+    import pymongo
+
+    uri, name = mongo_parts(url)
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=10_000) as client:
+        client.drop_database(name)
+
+
 @dataclass
 class TempDatabase:
-    """A test database; a PostgreSQL one (``name`` set) is dropped by :meth:`drop`,
-    also when used as a context manager."""
+    """A test database; a PostgreSQL or MongoDB one (``name`` set) is dropped by
+    :meth:`drop`, also when used as a context manager."""
 
     url: str
     name: str | None = None
 
     def drop(self) -> None:
-        if self.name:
+        if self.name and is_mongo(self.url):
+            drop_mongo_database(self.url)
+        elif self.name:
             admin_execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
     def __enter__(self) -> TempDatabase:
@@ -96,6 +233,9 @@ def make_database(backend: str, tmp_path: Path, prefix: str = "exo_test_") -> Te
     named ``prefix`` + a random suffix (see :func:`require_postgres` when it is down)."""
     if backend == "sqlite":
         return TempDatabase(url=f"sqlite:///{tmp_path / 'state.db'}")
+    if backend == "mongo":
+        name = prefix + uuid.uuid4().hex[:12]
+        return TempDatabase(url=f"{mongo_server_uri()}#{name}", name=name)
     require_postgres()
     name = prefix + uuid.uuid4().hex[:12]
     admin_execute(f'CREATE DATABASE "{name}"')
@@ -108,9 +248,13 @@ def unique_namespace(prefix: str = "sdk") -> str:
 
 
 def test_settings(database_url: str, data_dir: Path, **overrides: object) -> Settings:
+    """Production settings on the test database ``database_url`` (any backend)."""
+    mongo_uri, mongo_name = mongo_parts(database_url) if is_mongo(database_url) else ("", "")
     settings = Settings(
         mode=Mode.PRODUCTION,
-        database_url=database_url,
+        database_url="" if mongo_uri else database_url,
+        mongo_uri=mongo_uri,
+        mongo_database_name=mongo_name or "exosphere",
         state_manager_secret=API_KEY,
         secrets_encryption_key=ENCRYPTION_KEY,
         data_dir=data_dir,
@@ -133,6 +277,13 @@ class RunningServer:
     base_url: str
     settings: Settings
     server: ThreadServer
+
+    @property
+    def database_url(self) -> str:
+        """The test database's URL (as given to :func:`test_settings`)."""
+        if self.settings.mongo_uri:
+            return f"{self.settings.mongo_uri}#{self.settings.mongo_database_name}"
+        return self.settings.database_url
 
     @property
     def headers(self) -> dict[str, str]:
@@ -177,7 +328,7 @@ async def wait_registered(base_url: str, key: str, namespace: str, count: int) -
 
 async def read_states(database_url: str, namespace: str, run_id: str) -> list[StateRow]:
     """Every state of a run, straight from the database (with fields the API hides)."""
-    db = Database(database_url, pool_size=1)
+    db = open_test_store(database_url, pool_size=1)
     try:
         async with db.read() as tx:
             return await tx.run_states(run_id, namespace)
@@ -185,8 +336,23 @@ async def read_states(database_url: str, namespace: str, run_id: str) -> list[St
         await db.close()
 
 
+async def _mongo_find(database_url: str, collection: str, query: dict[str, Any]) -> list[Any]:
+    from pymongo import AsyncMongoClient
+
+    uri, name = mongo_parts(database_url)
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+    try:
+        return await client[name][collection].find(query).to_list()
+    finally:
+        await client.close()
+
+
 async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, Any]]:
     """The fan-in group counters of a run."""
+    if is_mongo(database_url):
+        docs = await _mongo_find(database_url, NAMES.fanin_groups, {"run_id": run_id})
+        columns = ("run_id", "identifier", "pending", "failed")
+        return [{"group_id": d["_id"], **{k: d[k] for k in columns}} for d in docs]
     db = Database(database_url, pool_size=1)
     try:
         async with db.read() as tx:
@@ -200,6 +366,9 @@ async def read_fanin_groups(database_url: str, run_id: str) -> list[dict[str, An
 
 async def claimed_state_ids(database_url: str, namespace: str) -> set[str]:
     """Ids of the claimed (QUEUED) states of ``namespace``."""
+    if is_mongo(database_url):
+        query = {"namespace": namespace, "status": "QUEUED"}
+        return {str(d["_id"]) for d in await _mongo_find(database_url, NAMES.states, query)}
     db = Database(database_url, pool_size=1)
     try:
         async with db.read() as tx:
@@ -305,7 +474,7 @@ class ServerProcess:
             {
                 "STATE_MANAGER_SECRET": self.key,
                 "SECRETS_ENCRYPTION_KEY": self.encryption_key,
-                "DATABASE_URL": self.database_url,
+                **store_env(self.database_url),
                 "EXOSPHERE_AUTO_MIGRATE": "1",
                 "EXOSPHERE_DATA_DIR": str(self.data_dir),
                 "LOG_LEVEL": "WARNING",

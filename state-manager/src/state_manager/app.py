@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import DBAPIError
 
 from state_manager import __version__, dashboard
 from state_manager.api.middleware import RequestContextMiddleware
@@ -22,7 +21,8 @@ from state_manager.metrics import Metrics
 from state_manager.services import operations, writes
 from state_manager.services.context import Context
 from state_manager.settings import Settings
-from state_manager.store.database import Database, unavailable
+from state_manager.store import open_store
+from state_manager.store.failures import DATABASE_ERRORS, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.resolved_database_url)
+        db = open_store(settings)
         try:
             if settings.auto_migrate:
                 await db.migrate()
@@ -79,8 +79,6 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     async def _domain_error(_request: Request, exc: StateManagerError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
-    @app.exception_handler(DBAPIError)
-    @app.exception_handler(OSError)
     async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         error = unavailable(exc)
         if error is None:
@@ -89,6 +87,9 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
             "database unavailable: %s", type(exc).__name__, extra={"path": request.url.path}
         )
         return await _domain_error(request, error)
+
+    for error_type in DATABASE_ERRORS:
+        app.add_exception_handler(error_type, _database_error)  # type: ignore[arg-type]
 
     @app.exception_handler(SecretDecryptionError)
     async def _secret_error(_request: Request, exc: SecretDecryptionError) -> JSONResponse:

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from state_manager import logs
-from state_manager.errors import DatabaseNotMigrated
+from state_manager.errors import DatabaseNotMigrated, DatabaseNotSupported
 from state_manager.settings import ConfigError, Mode, Settings, generate_encryption_key
-from state_manager.store.database import Database
+from state_manager.store import open_store
+from state_manager.store.failures import DATABASE_ERRORS, unavailable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def _settings(mode: str | None) -> Settings:
 
 
 async def _migrate(settings: Settings, *, apply: bool) -> list[int]:
-    db = Database(settings.resolved_database_url)
+    db = open_store(settings)
     try:
         applied = await db.migrate() if apply else []
         await db.check_migrated()
@@ -78,22 +79,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"state-manager: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.configure(settings.log_level, json_lines=settings.json_logs)
-    if args.command == "migrate":
-        applied = asyncio.run(_migrate(settings, apply=True))
-        print(f"database is up to date (applied: {applied or 'nothing'})")
-        return
     try:
-        asyncio.run(_migrate(settings, apply=settings.auto_migrate))
-    except DatabaseNotMigrated as exc:
+        applied = asyncio.run(
+            _migrate(settings, apply=args.command == "migrate" or settings.auto_migrate)
+        )
+    except (DatabaseNotMigrated, DatabaseNotSupported) as exc:
         print(f"state-manager: {exc.detail}", file=sys.stderr)
         raise SystemExit(3) from None
-    except OSError as exc:
+    except DATABASE_ERRORS as exc:
+        if not isinstance(exc, OSError) and unavailable(exc) is None:
+            raise
         print(f"state-manager: cannot reach the database: {exc}", file=sys.stderr)
         raise SystemExit(3) from None
+    if args.command == "migrate":
+        print(f"database is up to date (applied: {applied or 'nothing'})")
+        return
     if settings.mode is Mode.DEVELOPMENT:
         print(
             f"development mode: API key and encryption key are in {settings.dev_secrets_path}; "
-            f"database {settings.resolved_database_url}",
+            f"database {settings.database_description}",
             file=sys.stderr,
         )
     # Server processes rebuild settings from the environment: hand them what we resolved.

@@ -8,7 +8,8 @@
     ├── Conflict            409
     ├── PayloadTooLarge     413
     ├── DatabaseUnavailable 503 (disk full, connection lost or refused, server restarting)
-    └── DatabaseNotMigrated (start-up and readiness only)
+    ├── DatabaseNotMigrated (start-up and readiness only)
+    └── DatabaseNotSupported (start-up only: e.g. a MongoDB server without transactions)
 """
 
 from __future__ import annotations
@@ -56,3 +57,9 @@ class DatabaseNotMigrated(StateManagerError):
         )
         self.current = current
         self.latest = latest
+
+
+class DatabaseNotSupported(StateManagerError):
+    """The database cannot give the guarantees the state manager needs (start-up only)."""
+
+    status_code = 503

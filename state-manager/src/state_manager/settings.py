@@ -61,6 +61,10 @@ def decode_encryption_key(text: str) -> bytes:
     return key
 
 
+def _valid_mongo_database_name(name: str) -> bool:
+    return 0 < len(name) < 64 and not any(c in name for c in '/\\. "$\0')
+
+
 def generate_encryption_key() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii")
 
@@ -72,7 +76,7 @@ class Settings:
     mode: Mode = Mode.DEVELOPMENT
     database_url: str = ""
     mongo_uri: str = ""
-    mongo_database_name: str = "exosphere-state-manager"
+    mongo_database_name: str = "exosphere"
     state_manager_secret: str = ""
     secrets_encryption_key: str = ""
     data_dir: Path = field(default_factory=lambda: Path(".exosphere"))
@@ -103,8 +107,7 @@ class Settings:
             mode=resolved_mode,
             database_url=env.get("DATABASE_URL", "").strip(),
             mongo_uri=env.get("MONGO_URI", "").strip(),
-            mongo_database_name=env.get("MONGO_DATABASE_NAME", "").strip()
-            or "exosphere-state-manager",
+            mongo_database_name=env.get("MONGO_DATABASE_NAME", "").strip() or "exosphere",
             state_manager_secret=env.get("STATE_MANAGER_SECRET", ""),
             secrets_encryption_key=env.get("SECRETS_ENCRYPTION_KEY", "").strip(),
             data_dir=Path(env.get("EXOSPHERE_DATA_DIR", "").strip() or ".exosphere"),
@@ -154,10 +157,22 @@ class Settings:
             raise ConfigError("LOG_FORMAT must be one of auto, json, text")
         if settings.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        if settings.mongo_uri:
+        if settings.mongo_uri and settings.database_url:
             raise ConfigError(
-                "MONGO_URI is set, but the MongoDB backend is not available in this version; "
-                "unset MONGO_URI and use DATABASE_URL (sqlite:///path or postgresql://...)"
+                "Both MONGO_URI and DATABASE_URL are set; set only one: MONGO_URI (with "
+                "MONGO_DATABASE_NAME) for MongoDB, or DATABASE_URL for SQLite or PostgreSQL"
+            )
+        if settings.mongo_uri and not settings.mongo_uri.startswith(
+            ("mongodb://", "mongodb+srv://")
+        ):
+            raise ConfigError(
+                "MONGO_URI must start with mongodb:// or mongodb+srv:// "
+                f"(got scheme {settings.mongo_uri.split(':', 1)[0]!r})"
+            )
+        if settings.mongo_uri and not _valid_mongo_database_name(settings.mongo_database_name):
+            raise ConfigError(
+                "MONGO_DATABASE_NAME must be 1 to 63 characters without spaces or any of "
+                f'/\\. "$ (got {settings.mongo_database_name!r})'
             )
         if settings.database_url and not settings.database_url.startswith(
             ("sqlite://", "postgresql://", "postgres://", "postgresql+asyncpg://")
@@ -199,6 +214,17 @@ class Settings:
     @property
     def dev_secrets_path(self) -> Path:
         return self.data_dir / DEV_SECRETS_FILE
+
+    @property
+    def database_description(self) -> str:
+        """Which database this server uses, without credentials (for start-up messages)."""
+        if self.mongo_uri:
+            return f"MongoDB database {self.mongo_database_name!r}"
+        url = self.resolved_database_url
+        if url.startswith("sqlite"):
+            return url
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
 
     @property
     def resolved_database_url(self) -> str:

@@ -83,7 +83,7 @@ async def assert_no_merge(api: Api, database_url: str, run_id: str) -> None:
 async def test_a_branch_failing_for_good_releases_all_done_but_never_all_success(
     client: httpx.AsyncClient, server: RunningServer, strategy: str, failing: str, failure: str
 ) -> None:
-    database_url = server.settings.database_url
+    database_url = server.database_url
     api = Api(client, NS)
     await fan_graph(api, strategy, NO_RETRIES)
     run_id, split_id, work = await open_fan(api, 5)
@@ -140,7 +140,7 @@ async def test_a_branch_failing_for_good_releases_all_done_but_never_all_success
 async def test_retries_run_out_after_max_retries_with_fixed_delays(
     client: httpx.AsyncClient, server: RunningServer
 ) -> None:
-    database_url = server.settings.database_url
+    database_url = server.database_url
     api = Api(client, NS)
     await api.register(
         node("Root", outputs=("r",)),
@@ -203,7 +203,7 @@ async def assert_no_retry_left(api: Api) -> None:
 async def test_a_retry_that_succeeds_continues_the_graph_and_releases_the_join(
     client: httpx.AsyncClient, server: RunningServer
 ) -> None:
-    database_url = server.settings.database_url
+    database_url = server.database_url
     api = Api(client, NS)
     policy = {"max_retries": 2, "strategy": "FIXED", "backoff_factor": 50}
     await fan_graph(api, "ALL_SUCCESS", policy)
@@ -253,7 +253,7 @@ async def test_a_retry_that_succeeds_continues_the_graph_and_releases_the_join(
 async def test_pruned_branches_still_release_an_all_success_join_once(
     client: httpx.AsyncClient, server: RunningServer, pruned_last: bool
 ) -> None:
-    database_url = server.settings.database_url
+    database_url = server.database_url
     api = Api(client, NS)
     await fan_graph(api, "ALL_SUCCESS", NO_RETRIES)
     run_id, _split_id, work = await open_fan(api, 10)

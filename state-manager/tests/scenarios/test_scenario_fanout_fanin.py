@@ -61,7 +61,7 @@ async def test_fan_out_of_1000_joins_exactly_once_after_the_last_item(
     for start in range(0, len(first), 100):
         await for_each(first[start : start + 100], finish)
         assert await api.claim("Merge") == [], f"merge ran after {start + 100} items"
-    states = await read_states(server.settings.database_url, NS, run_id)
+    states = await read_states(server.database_url, NS, run_id)
     assert "merge" not in by_identifier(states), "merge created before the last item finished"
     assert status_counts(states)[("work", "QUEUED")] == 1
 
@@ -77,7 +77,7 @@ async def test_fan_out_of_1000_joins_exactly_once_after_the_last_item(
     assert (run["success_count"], run["total_count"]) == (total, total)
     assert (run["pending_count"], run["errored_count"], run["retried_count"]) == (0, 0, 0)
 
-    states = await read_states(server.settings.database_url, NS, run_id)
+    states = await read_states(server.database_url, NS, run_id)
     grouped = by_identifier(states)
     assert {k: len(v) for k, v in grouped.items()} == {
         "root": 1,
@@ -89,7 +89,7 @@ async def test_fan_out_of_1000_joins_exactly_once_after_the_last_item(
     last_work = max(s.updated_at for s in grouped["work"])
     assert merge_row.created_at >= last_work
     assert merge_row.parents == {"root": root["state_id"], "split": split["state_id"]}
-    groups = await read_fanin_groups(server.settings.database_url, run_id)
+    groups = await read_fanin_groups(server.database_url, run_id)
     assert [(g["group_id"], g["pending"], g["failed"]) for g in groups] == [
         (split["state_id"], 0, 0)
     ]
@@ -179,7 +179,7 @@ async def test_nested_fan_outs_join_once_per_group_at_each_level(
 
     run = await api.run_summary(run_id)
     assert (run["status"], run["success_count"], run["total_count"]) == ("SUCCESS", 32, 32)
-    grouped = by_identifier(await read_states(server.settings.database_url, NS, run_id))
+    grouped = by_identifier(await read_states(server.database_url, NS, run_id))
     assert {k: len(v) for k, v in grouped.items()} == {
         "root": 1,
         "a": 3,
@@ -258,6 +258,6 @@ async def test_nested_joins_hold_under_concurrent_reports(
     total = outer + outer * inner * 2 + outer + 1
     run = await api.run_summary(run_id)
     assert (run["status"], run["success_count"], run["total_count"]) == ("SUCCESS", total, total)
-    groups = await read_fanin_groups(server.settings.database_url, run_id)
+    groups = await read_fanin_groups(server.database_url, run_id)
     assert len(groups) == 1 + outer
     assert all((g["pending"], g["failed"]) == (0, 0) for g in groups)

@@ -96,7 +96,7 @@ async def test_two_uniting_nodes_on_one_target_each_fire_once(
     done = await claim_exactly(api, "AllDone", count=1)
     assert await api.claim("AllOk") == []
     await api.executed(done[0]["state_id"])
-    counts = status_counts(await read_states(server.settings.database_url, NS, run_id))
+    counts = status_counts(await read_states(server.database_url, NS, run_id))
     assert counts[("done", "SUCCESS")] == 1
     assert not any(identifier == "ok" for identifier, _ in counts)
 
@@ -146,7 +146,7 @@ async def test_a_side_branch_that_does_not_lead_to_the_join_still_holds_it(
 async def test_a_manual_retry_that_succeeds_releases_a_blocked_all_success_join(
     client: httpx.AsyncClient, server: RunningServer
 ) -> None:
-    database_url = server.settings.database_url
+    database_url = server.database_url
     api = Api(client, NS)
     await api.register(
         node("Split", outputs=("item",)), node("Work", inputs=("item",)), node("Merge")

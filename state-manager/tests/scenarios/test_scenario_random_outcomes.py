@@ -102,7 +102,7 @@ async def test_random_outcomes_keep_every_join_exact(
     await asyncio.gather(*(_worker(api, random.Random(seed + i), refused) for i in range(WORKERS)))
     assert not refused, (seed, refused)
     for run_id in run_ids:
-        await _check_run(server.settings.database_url, run_id, seed)
+        await _check_run(server.database_url, run_id, seed)
 
 
 async def _check_run(database_url: str, run_id: str, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""The storage contract, run against every SQL backend."""
+"""The storage contract, run against every backend (SQLite, PostgreSQL, MongoDB)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,24 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sm_support import is_mongo, mongo_parts, open_test_store
 from state_manager.domain.ids import new_object_id
 from state_manager.domain.models import NodeTemplate, StateStatus, TriggerStatus
 from state_manager.errors import DatabaseNotMigrated
+from state_manager.services.context import retry_transient
 from state_manager.services.progress import state_row
+from state_manager.store.contract import Store
 from state_manager.store.database import Database
-from state_manager.store.queries import MUTABLE_STATE_COLUMNS
+from state_manager.store.mongo import NAMES, ORIGINAL_COLLECTIONS
+from state_manager.store.rows import MUTABLE_STATE_COLUMNS
 from state_manager.store.tables import metadata
 
 NODE = NodeTemplate(node_name="Work", namespace="ns", identifier="work", inputs={})
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
+async def db(database_url: str) -> AsyncIterator[Store]:
+    database = open_test_store(database_url)
     await database.migrate()
     try:
         yield database
@@ -44,7 +48,19 @@ def new_state(**overrides: Any) -> dict[str, Any]:
     return row
 
 
-async def test_migrations_create_the_declared_schema(db: Database) -> None:
+async def test_migrations_create_the_declared_schema(database_url: str) -> None:
+    if is_mongo(database_url):
+        await _check_mongo_migration(database_url)
+        return
+    db = Database(database_url)
+    try:
+        await db.migrate()
+        await _check_sql_schema(db)
+    finally:
+        await db.close()
+
+
+async def _check_sql_schema(db: Database) -> None:
     tables = await db.run_sync(lambda connection: _schema(sa.inspect(connection)))
     expected = {
         table.name: (
@@ -71,7 +87,7 @@ def _schema(inspector: Any) -> dict[str, tuple[set[str], set[str], set[str]]]:
 
 
 async def test_unmigrated_database_is_reported_with_the_command(database_url: str) -> None:
-    database = Database(database_url)
+    database = open_test_store(database_url)
     try:
         with pytest.raises(DatabaseNotMigrated, match="state-manager migrate"):
             await database.check_migrated()
@@ -79,7 +95,7 @@ async def test_unmigrated_database_is_reported_with_the_command(database_url: st
         await database.close()
 
 
-async def test_claim_is_oldest_first_and_respects_enqueue_after_and_nodes(db: Database) -> None:
+async def test_claim_is_oldest_first_and_respects_enqueue_after_and_nodes(db: Store) -> None:
     rows = [
         new_state(enqueue_after=300),
         new_state(enqueue_after=100),
@@ -101,17 +117,21 @@ async def test_claim_is_oldest_first_and_respects_enqueue_after_and_nodes(db: Da
         assert await tx.claim("ns", ["Work"], 10, now=1_000, lease_until=9_000) == []
 
 
-async def test_concurrent_claims_never_share_a_state(db: Database, backend: str) -> None:
+async def test_concurrent_claims_never_share_a_state(db: Store, database_url: str) -> None:
     rows = [new_state() for _ in range(200)]
     async with db.write() as tx:
         await tx.insert_states(rows)
-    others = [Database(db.url.replace("+asyncpg", "")) for _ in range(3)]
+    others = [open_test_store(database_url) for _ in range(3)]
 
-    async def claimer(database: Database) -> list[str]:
+    @retry_transient  # MongoDB: a claimer that conflicts with another runs again
+    async def claim(database: Store) -> list[Any]:
+        async with database.write() as tx:
+            return await tx.claim("ns", ["Work"], 7, now=2_000, lease_until=9_000)
+
+    async def claimer(database: Store) -> list[str]:
         got: list[str] = []
         while True:
-            async with database.write() as tx:
-                batch = await tx.claim("ns", ["Work"], 7, now=2_000, lease_until=9_000)
+            batch = await claim(database)
             if not batch:
                 return got
             got += [s.id for s in batch]
@@ -130,11 +150,11 @@ def _changed(row: dict[str, Any], **values: Any) -> dict[str, Any]:
     return {**{c: row[c] for c in MUTABLE_STATE_COLUMNS}, **values, **fixed}
 
 
-async def test_locked_states_are_changed_one_locker_at_a_time(db: Database) -> None:
+async def test_locked_states_are_changed_one_locker_at_a_time(db: Store, database_url: str) -> None:
     rows = [new_state(status=StateStatus.QUEUED.value) for _ in range(3)]
     async with db.write() as tx:
         await tx.insert_states(rows)
-    others = Database(db.url.replace("+asyncpg", ""))
+    others = open_test_store(database_url)
     first_locked = asyncio.Event()
     release = asyncio.Event()
 
@@ -170,7 +190,7 @@ async def test_locked_states_are_changed_one_locker_at_a_time(db: Database) -> N
     assert stored[rows[1]["id"]].status == StateStatus.QUEUED.value
 
 
-async def test_update_states_writes_every_mutable_column(db: Database) -> None:
+async def test_update_states_writes_every_mutable_column(db: Store) -> None:
     rows = [new_state(status=StateStatus.QUEUED.value, claimed_at=5) for _ in range(2)]
     async with db.write() as tx:
         await tx.insert_states(rows)
@@ -190,7 +210,7 @@ async def test_update_states_writes_every_mutable_column(db: Database) -> None:
         }
 
 
-async def test_work_claimed_by_its_own_transaction_wakes_nobody(db: Database) -> None:
+async def test_work_claimed_by_its_own_transaction_wakes_nobody(db: Store) -> None:
     rows = [new_state(), new_state(node_name="Other")]
     async with db.write() as tx:
         await tx.insert_states(rows)
@@ -201,7 +221,7 @@ async def test_work_claimed_by_its_own_transaction_wakes_nobody(db: Database) ->
         assert tx.work_namespaces == set()
 
 
-async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Database) -> None:
+async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Store) -> None:
     retry = new_state(retry_count=1, fanout_id="f-1")
     same_retry = new_state(retry_count=1, fanout_id="f-1")
     uniting = new_state(does_unites=True, state_fingerprint="a" * 64)
@@ -220,7 +240,7 @@ async def test_unique_keys_deduplicate_retries_and_uniting_states(db: Database) 
     assert set(found) == {retry["id"], uniting["id"], other["id"]}
 
 
-async def test_json_columns_keep_key_order(db: Database) -> None:
+async def test_json_columns_keep_key_order(db: Store) -> None:
     parents = {"zeta": new_object_id(), "alpha": new_object_id(), "mid": new_object_id()}
     row = new_state(parents=parents, outputs={"ü": "ñ", "b": "x"})
     async with db.write() as tx:
@@ -232,7 +252,7 @@ async def test_json_columns_keep_key_order(db: Database) -> None:
     assert stored.outputs == {"ü": "ñ", "b": "x"}
 
 
-async def test_rolled_back_transaction_leaves_nothing(db: Database) -> None:
+async def test_rolled_back_transaction_leaves_nothing(db: Store) -> None:
     row = new_state()
     with pytest.raises(RuntimeError):
         async with db.write() as tx:
@@ -242,10 +262,11 @@ async def test_rolled_back_transaction_leaves_nothing(db: Database) -> None:
         assert await tx.get_state(row["id"]) is None
 
 
-async def test_group_counters_are_atomic(db: Database) -> None:
+async def test_group_counters_are_atomic(db: Store) -> None:
     async with db.write() as tx:
         await tx.create_groups([{"group_id": "g" * 24, "run_id": "run-1", "identifier": "s"}])
 
+    @retry_transient
     async def bump() -> None:
         async with db.write() as tx:
             await tx.adjust_group("g" * 24, 1, 0)
@@ -256,7 +277,7 @@ async def test_group_counters_are_atomic(db: Database) -> None:
         assert await tx.adjust_group("missing" + "0" * 17, 1, 0) is None
 
 
-async def test_due_cron_record_is_claimed_once(db: Database) -> None:
+async def test_due_cron_record_is_claimed_once(db: Store) -> None:
     values = {
         "namespace": "ns",
         "graph_name": "g",
@@ -280,3 +301,31 @@ async def test_due_cron_record_is_claimed_once(db: Database) -> None:
     async with db.write() as tx:
         assert await tx.delete_expired_triggers(now=129_999) == 0
         assert await tx.delete_expired_triggers(now=130_000) == 1
+
+
+async def _check_mongo_migration(database_url: str) -> None:
+    """MongoDB: ``migrate`` creates our collections with their unique indexes, records
+    the schema version, and leaves the original Exosphere collections untouched."""
+    import pymongo
+
+    uri, name = mongo_parts(database_url)
+    with pymongo.MongoClient(uri) as client:
+        original = sorted(ORIGINAL_COLLECTIONS)[0]
+        client[name][original].insert_one({"_id": "theirs", "status": "CREATED"})
+    database = open_test_store(database_url)
+    try:
+        assert await database.migrate() == [1]
+        assert await database.migrate() == []
+        assert await database.current_version() == database.latest_version() == 1
+    finally:
+        await database.close()
+    with pymongo.MongoClient(uri) as client:
+        indexes = {
+            spec["name"]: spec.get("unique", False)
+            for spec in client[name][NAMES.states].list_indexes()
+        }
+        assert indexes["uq_states_retry_key"] and indexes["uq_states_fingerprint"]
+        fires = {spec["name"] for spec in client[name][NAMES.cron_triggers].list_indexes()}
+        assert "uq_cron_triggers_fire" in fires
+        assert list(client[name][original].find()) == [{"_id": "theirs", "status": "CREATED"}]
+        assert client[name][original].count_documents({}) == 1

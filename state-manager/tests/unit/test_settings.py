@@ -56,7 +56,12 @@ def test_production_defaults() -> None:
     [
         ({"SECRETS_ENCRYPTION_KEY": base64.urlsafe_b64encode(b"short").decode()}, "32 bytes"),
         ({"SECRETS_ENCRYPTION_KEY": "not base64!"}, "base64"),
-        ({"MONGO_URI": "mongodb://localhost"}, "MONGO_URI"),
+        (
+            {"MONGO_URI": "mongodb://localhost", "DATABASE_URL": "sqlite:///x.db"},
+            "Both MONGO_URI and DATABASE_URL are set",
+        ),
+        ({"MONGO_URI": "http://localhost"}, "MONGO_URI must start with mongodb://"),
+        ({"MONGO_URI": "mongodb://h", "MONGO_DATABASE_NAME": "a.b"}, "MONGO_DATABASE_NAME"),
         ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
         ({"TRIGGER_WORKERS": "zero"}, "TRIGGER_WORKERS"),
         ({"TRIGGER_RETENTION_HOURS": "0"}, "at least 1"),
@@ -67,6 +72,15 @@ def test_production_defaults() -> None:
 def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         production(**env)
+
+
+def test_mongo_uri_selects_mongodb_with_the_guides_database_name() -> None:
+    settings = production(MONGO_URI="mongodb+srv://user:secret@cluster0.example.net/")
+    assert settings.mongo_uri.startswith("mongodb+srv://")
+    assert settings.mongo_database_name == "exosphere"
+    assert settings.database_description == "MongoDB database 'exosphere'"
+    named = production(MONGO_URI="mongodb://db:27017/?replicaSet=rs0", MONGO_DATABASE_NAME="prod")
+    assert named.mongo_database_name == "prod"
 
 
 def test_numeric_settings_are_read() -> None:

@@ -24,7 +24,7 @@ from state_manager.services.ops import (
     RunRequest,
     StateOp,
 )
-from state_manager.store.queries import ClaimedRow, GraphStateRow, TemplateRow
+from state_manager.store.contract import ClaimedRow, GraphStateRow, TemplateRow
 
 
 async def get_context(request: Request) -> Context:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from state_manager.domain.models import StateStatus, UnitesStrategy
 from state_manager.services.context import iso
 from state_manager.services.views import Registration
-from state_manager.store.queries import FaninGroup, StateBrief, StateRow
+from state_manager.store.contract import FaninGroup, StateBrief, StateRow
 
 
 def duration(ms: int) -> str:

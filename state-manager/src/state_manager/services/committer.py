@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from state_manager.services.ops import Op, StateOp
-from state_manager.store.database import unavailable
+from state_manager.store.failures import unavailable
 
 logger = logging.getLogger(__name__)
 

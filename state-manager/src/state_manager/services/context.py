@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 
-from sqlalchemy.exc import DBAPIError
-
 from state_manager.crypto import SecretBox
 from state_manager.domain import graph as graph_rules
 from state_manager.domain import templating
@@ -22,27 +20,28 @@ from state_manager.errors import NotFound
 from state_manager.metrics import Metrics
 from state_manager.services.committer import Committer
 from state_manager.settings import Settings
-from state_manager.store.database import Database, is_transient
-from state_manager.store.queries import Tx, VersionRow
+from state_manager.store.contract import Store, Transaction, VersionRow
+from state_manager.store.failures import SQL_TRANSIENT_ATTEMPTS, is_transient, transient_attempts
 
-TRANSIENT_ATTEMPTS = 5
+TRANSIENT_ATTEMPTS = SQL_TRANSIENT_ATTEMPTS
 
 
 def retry_transient[**P, T](function: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Run a one-transaction service again when the database aborted it for a transient
-    reason (deadlock, serialisation failure, SQLite busy). Safe: the aborted attempt
-    left nothing behind."""
+    reason (deadlock, serialisation failure, SQLite busy, MongoDB write conflict). Safe:
+    the aborted attempt left nothing behind."""
 
     @functools.wraps(function)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await function(*args, **kwargs)
-            except DBAPIError as exc:
-                if attempt == TRANSIENT_ATTEMPTS or not is_transient(exc):
+            except Exception as exc:
+                if not is_transient(exc) or attempt >= transient_attempts(exc):
                     raise
-                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))
 
     return wrapper
 
@@ -132,7 +131,7 @@ class GraphCache:
         self._run_versions: OrderedDict[str, str] = OrderedDict()
         self._capacity = capacity
 
-    async def for_version(self, tx: Tx, version_id: str) -> CompiledGraph:
+    async def for_version(self, tx: Transaction, version_id: str) -> CompiledGraph:
         graph = self._entries.get(version_id)
         if graph is None:
             row = await tx.get_version(version_id)
@@ -144,7 +143,7 @@ class GraphCache:
                 self._entries.popitem(last=False)
         return graph
 
-    async def for_runs(self, tx: Tx, run_ids: Iterable[str]) -> dict[str, CompiledGraph]:
+    async def for_runs(self, tx: Transaction, run_ids: Iterable[str]) -> dict[str, CompiledGraph]:
         """The graph of each run, looking up the runs not seen before in one query."""
         wanted = set(run_ids)
         missing = wanted - self._run_versions.keys()
@@ -167,7 +166,7 @@ class GraphCache:
 class Context:
     """The dependencies of the service layer, built once per process."""
 
-    db: Database
+    db: Store
     settings: Settings
     box: SecretBox
     metrics: Metrics

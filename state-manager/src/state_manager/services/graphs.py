@@ -11,8 +11,8 @@ from state_manager.domain import graph as graph_rules
 from state_manager.domain.ids import new_object_id
 from state_manager.domain.models import GraphSpec, TriggerStatus, ValidationStatus
 from state_manager.errors import InvalidRequest, NotFound
-from state_manager.services.context import Context
-from state_manager.store.queries import TemplateRow, Tx
+from state_manager.services.context import Context, retry_transient
+from state_manager.store.contract import TemplateRow, Transaction
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # -- registered nodes -------------------------------------------------------------
 
 
+@retry_transient
 async def register_nodes(
     ctx: Context, namespace: str, runtime_name: str, nodes: list[dict[str, Any]]
 ) -> None:
@@ -58,6 +59,7 @@ async def list_namespaces(ctx: Context) -> list[str]:
 # -- templates ----------------------------------------------------------------------
 
 
+@retry_transient
 async def upsert_graph(
     ctx: Context, namespace: str, name: str, spec: GraphSpec, secrets: dict[str, str]
 ) -> TemplateRow:
@@ -112,13 +114,18 @@ async def validate_pending(ctx: Context, limit: int = 50) -> int:
         pending = await tx.pending_templates(limit)
     decided = 0
     for template in pending:
-        async with ctx.db.write() as tx:
-            if await _validate(ctx, tx, template):
-                decided += 1
+        if await _validate_one(ctx, template):
+            decided += 1
     return decided
 
 
-async def _validate(ctx: Context, tx: Tx, template: TemplateRow) -> bool:
+@retry_transient
+async def _validate_one(ctx: Context, template: TemplateRow) -> bool:
+    async with ctx.db.write() as tx:
+        return await _validate(ctx, tx, template)
+
+
+async def _validate(ctx: Context, tx: Transaction, template: TemplateRow) -> bool:
     now = ctx.clock()
     try:
         spec = GraphSpec.model_validate(template.spec)
@@ -168,7 +175,7 @@ async def _validate(ctx: Context, tx: Tx, template: TemplateRow) -> bool:
 
 
 async def schedule_triggers(
-    ctx: Context, tx: Tx, namespace: str, graph_name: str, spec: GraphSpec, now: int
+    ctx: Context, tx: Transaction, namespace: str, graph_name: str, spec: GraphSpec, now: int
 ) -> None:
     """Make sure each cron expression of ``spec`` has its next fire time recorded."""
     after = datetime.fromtimestamp(now / 1000, UTC)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from state_manager.domain.models import StateStatus
 from state_manager.domain.transitions import Change
-from state_manager.store.queries import ClaimedRow
+from state_manager.store.contract import ClaimedRow
 
 
 class Op[T]:

@@ -25,7 +25,7 @@ from state_manager.domain.fingerprint import fingerprint
 from state_manager.domain.ids import new_object_id
 from state_manager.domain.models import NodeTemplate, StateStatus
 from state_manager.services.context import CompiledGraph
-from state_manager.store.queries import StateCore, StateRow, Tx
+from state_manager.store.contract import StateCore, StateRow, Transaction
 
 
 def state_row(
@@ -116,7 +116,7 @@ def derived_row(
 class Resolver:
     """Resolves placeholders for states of several runs, loading what they need at once."""
 
-    def __init__(self, tx: Tx) -> None:
+    def __init__(self, tx: Transaction) -> None:
         self._tx = tx
         self._stores: dict[str, dict[str, str]] = {}
         self._outputs: dict[str, dict[str, Any]] = {}
@@ -210,7 +210,7 @@ class GroupLedger:
 
 
 async def settle_groups(
-    tx: Tx,
+    tx: Transaction,
     graphs: Mapping[str, CompiledGraph],
     ledger: GroupLedger,
     now: int,
@@ -247,7 +247,7 @@ async def settle_groups(
 
 
 async def _uniting_row(
-    tx: Tx, graph: CompiledGraph, target: StateRow, uniting: NodeTemplate, now: int
+    tx: Transaction, graph: CompiledGraph, target: StateRow, uniting: NodeTemplate, now: int
 ) -> dict[str, Any]:
     """The state of ``uniting`` built from the target state that opened the group."""
     templates = graph.parsed_inputs[uniting.identifier]

@@ -13,9 +13,9 @@ from state_manager.domain.ids import is_object_id, new_object_id
 from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus
 from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import writes
-from state_manager.services.context import Context
+from state_manager.services.context import Context, retry_transient
 from state_manager.services.ops import RunRequest, Trigger
-from state_manager.store.queries import GraphStateRow, StateRow
+from state_manager.store.contract import GraphStateRow, StateRow
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ async def trigger_many(
 # -- cron ---------------------------------------------------------------------------
 
 
+@retry_transient
 async def fire_due_trigger(ctx: Context) -> bool:
     """Fire one due cron record, if any, and record the next fire time. True if one fired."""
     now = ctx.clock()
@@ -106,6 +107,7 @@ async def fire_due_trigger(ctx: Context) -> bool:
     return True
 
 
+@retry_transient
 async def purge_expired_triggers(ctx: Context) -> int:
     async with ctx.db.write() as tx:
         return await tx.delete_expired_triggers(ctx.clock())

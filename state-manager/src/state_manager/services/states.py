@@ -32,12 +32,12 @@ from state_manager.services.ops import (
     Requeued,
     StateOp,
 )
-from state_manager.store.queries import ClaimedRow, StateRow, Tx
+from state_manager.store.contract import ClaimedRow, StateRow, Transaction
 
 logger = logging.getLogger(__name__)
 
 
-async def _load(tx: Tx, namespace: str, state_id: str) -> StateRow:
+async def _load(tx: Transaction, namespace: str, state_id: str) -> StateRow:
     """The state ``state_id`` of ``namespace``; 404 for unknown, malformed or foreign ids."""
     state = await tx.get_state(state_id.lower()) if is_object_id(state_id) else None
     if state is None or state.namespace != namespace:
@@ -78,9 +78,9 @@ async def enqueue(
                 return claimed
             async with ctx.db.read() as tx:
                 next_at = await tx.next_claimable_at(namespace, node_names)
-            # Another process may add work without telling us (SQLite shared by
-            # several servers), so never sleep longer than a short re-check.
-            recheck = 5_000 if ctx.db.dialect == "postgresql" else 500
+            # Another process may add work without a wake-up reaching us (SQLite shared
+            # by several servers, a lost listener), so never sleep past a re-check.
+            recheck = ctx.db.recheck_ms
             wake_at = min(deadline, now + recheck, next_at if next_at is not None else deadline)
             timeout = max(0.0, (wake_at - now) / 1000)
             with contextlib.suppress(TimeoutError):

@@ -17,13 +17,13 @@ from state_manager.domain.models import GraphSpec, NodeTemplate, StateStatus
 from state_manager.errors import InvalidRequest
 from state_manager.services import graphs, runs, states
 from state_manager.services.context import Context
-from state_manager.store.queries import (
+from state_manager.store.contract import (
     FaninGroup,
     NodeCounts,
     StateBrief,
     StateRow,
     TemplateRow,
-    Tx,
+    Transaction,
 )
 
 # A node with at most this many states shows each of them on the run graph.
@@ -141,7 +141,7 @@ class Registration:
     updated_at: int
 
 
-async def _registration(tx: Tx, namespace: str, node_name: str) -> Registration | None:
+async def _registration(tx: Transaction, namespace: str, node_name: str) -> Registration | None:
     found = await tx.registered_nodes_for([(node_name, namespace)])
     row = found.get((node_name, namespace))
     return Registration(row["runtime_name"], row["updated_at"]) if row else None

@@ -52,11 +52,11 @@ from state_manager.services.progress import (
     state_row,
     successor_rows,
 )
-from state_manager.store.queries import (
+from state_manager.store.contract import (
     ClaimedRow,
     StateCore,
     TemplateRow,
-    Tx,
+    Transaction,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ async def run_batch(ctx: Context, ops: Sequence[Op[Any]]) -> list[Any]:
     return outcomes
 
 
-async def start_runs(ctx: Context, tx: Tx, op: Trigger) -> list[str]:
+async def start_runs(ctx: Context, tx: Transaction, op: Trigger) -> list[str]:
     """Start runs inside the caller's transaction (cron); raises before writing anything
     when one cannot start."""
     batch = _Batch(ctx, ctx.clock())
@@ -118,7 +118,7 @@ class _Batch:
     ledger: GroupLedger = field(default_factory=GroupLedger)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
 
-    async def apply(self, tx: Tx, ops: Sequence[Op[Any]]) -> list[Any]:
+    async def apply(self, tx: Transaction, ops: Sequence[Op[Any]]) -> list[Any]:
         outcomes: list[Any] = [None] * len(ops)
         state_ops = [(i, op) for i, op in enumerate(ops) if isinstance(op, StateOp)]
         if state_ops:
@@ -132,7 +132,7 @@ class _Batch:
                 outcomes[index] = await self._claim(tx, op)
         return outcomes
 
-    async def write(self, tx: Tx) -> None:
+    async def write(self, tx: Transaction) -> None:
         """Write everything gathered, then settle the fan-in groups it touched."""
         if self.optional:
             inserted = await tx.insert_states_unless_exist([row for row, _ in self.optional])
@@ -147,7 +147,7 @@ class _Batch:
     # -- changes to existing states ---------------------------------------------------
 
     async def _change_states(
-        self, tx: Tx, items: list[tuple[int, StateOp[Any]]], outcomes: list[Any]
+        self, tx: Transaction, items: list[tuple[int, StateOp[Any]]], outcomes: list[Any]
     ) -> None:
         ids = [op.state_id.lower() for _, op in items if is_object_id(op.state_id)]
         found = await tx.lock_states(ids)
@@ -194,7 +194,7 @@ class _Batch:
             elif isinstance(op, ManualRetry):
                 await self._manual_retry(tx, item, op, outcomes)
 
-    async def _executed(self, tx: Tx, items: list[_Accepted], outcomes: list[Any]) -> None:
+    async def _executed(self, tx: Transaction, items: list[_Accepted], outcomes: list[Any]) -> None:
         """Record outputs, create fan-out siblings and every successor with its inputs."""
         resolver = Resolver(tx)
         wants = []
@@ -319,7 +319,7 @@ class _Batch:
         return enqueue_at
 
     async def _manual_retry(
-        self, tx: Tx, item: _Accepted, op: ManualRetry, outcomes: list[Any]
+        self, tx: Transaction, item: _Accepted, op: ManualRetry, outcomes: list[Any]
     ) -> None:
         state = item.state
         before = StateStatus(state.status)
@@ -369,7 +369,7 @@ class _Batch:
     # -- new runs -------------------------------------------------------------------------
 
     async def _start_runs(
-        self, tx: Tx, items: list[tuple[int, Trigger]], outcomes: list[Any]
+        self, tx: Transaction, items: list[tuple[int, Trigger]], outcomes: list[Any]
     ) -> None:
         templates: dict[tuple[str, str], TemplateRow | None] = {}
         for _, op in items:
@@ -387,7 +387,9 @@ class _Batch:
             metric = self.ctx.metrics.runs_triggered.labels(op.namespace, op.graph_name, op.source)
             self.after_commit.append(functools.partial(metric.inc, len(op.runs)))
 
-    async def plan_runs(self, tx: Tx, op: Trigger, template: TemplateRow | None) -> list[str]:
+    async def plan_runs(
+        self, tx: Transaction, op: Trigger, template: TemplateRow | None
+    ) -> list[str]:
         """Gather the runs' records, stores and root states; raise (gathering none of
         them) if one cannot start."""
         if template is None:
@@ -445,7 +447,7 @@ class _Batch:
 
     # -- claims -----------------------------------------------------------------------------
 
-    async def _claim(self, tx: Tx, op: Claim) -> list[ClaimedRow]:
+    async def _claim(self, tx: Transaction, op: Claim) -> list[ClaimedRow]:
         limit = min(op.limit, self.ctx.settings.max_batch_size)
         if limit <= 0 or not op.node_names:
             return []

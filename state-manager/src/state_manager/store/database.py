@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
@@ -32,10 +31,11 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from state_manager.errors import DatabaseNotMigrated, DatabaseUnavailable
+from state_manager.store.contract import Store
+from state_manager.store.failures import UNREACHABLE, is_transient, unavailable
 from state_manager.store.hot import dumps_json
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
@@ -46,19 +46,9 @@ NOTIFY_CHANNEL = "exosphere_work"
 # The LISTEN connection's name in pg_stat_activity; checked this often, reopened if lost.
 LISTENER_APPLICATION_NAME = "exosphere-listener"
 LISTEN_CHECK_SECONDS = 1.0
-# PostgreSQL aborts one of two transactions that deadlock (40P01) or cannot be
-# serialised (40001); running it again is the documented remedy.
-TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 # How long a SQLite writer waits for another process to release the write lock.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _MIGRATION_LOCK = 734501
-
-
-def is_transient(error: DBAPIError) -> bool:
-    """Whether the database aborted a transaction that may simply be run again."""
-    original = error.orig
-    code = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
-    return code in TRANSIENT_SQLSTATES or "database is locked" in str(original)
 
 
 async def _alive(connection: Any) -> bool:
@@ -70,36 +60,6 @@ async def _alive(connection: Any) -> bool:
     except Exception:
         return False
     return True
-
-
-# A server shutting down (57P01, 57P02) or starting up (57P03); class 08 is a
-# connection failure.
-UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
-DISK_FULL = (
-    "The database's disk is full, so nothing was written. "
-    "Writes resume by themselves once space is freed."
-)
-UNREACHABLE = (
-    "The database is unreachable or restarting; retry the request. "
-    "A write cut off while it was committing may have been applied."
-)
-
-
-def unavailable(error: BaseException) -> DatabaseUnavailable | None:
-    """The error to answer (503) when ``error`` says the database cannot serve now: its
-    disk is full, or the connection was refused, lost, or the server is restarting.
-    ``None`` for any other error (a bug, answered 500)."""
-    if isinstance(error, OSError):  # refused, reset or timed out while connecting
-        return DatabaseUnavailable(UNREACHABLE)
-    if not isinstance(error, DBAPIError):
-        return None
-    original = error.orig
-    if getattr(original, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-        return DatabaseUnavailable(DISK_FULL)
-    code = str(getattr(original, "pgcode", None) or getattr(original, "sqlstate", None) or "")
-    if error.connection_invalidated or code.startswith("08") or code in UNAVAILABLE_SQLSTATES:
-        return DatabaseUnavailable(UNREACHABLE)
-    return None
 
 
 def driver_url(url: str) -> str:
@@ -133,12 +93,15 @@ def _is_busy(error: OperationalError) -> bool:
     return "database is locked" in text or "database is busy" in text
 
 
-class Database:
+class Database(Store):
     """One SQL database: engine, transactions, migrations, notifications."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = driver_url(url)
         self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        # PostgreSQL wakes other replicas with NOTIFY; SQLite shared by several server
+        # processes has no such channel, so long polls look again soon.
+        self.recheck_ms = 5_000 if self.dialect == "postgresql" else 500
         self.on_work: Callable[[str], None] | None = None
         self._listener: Any = None
         self._keeper: asyncio.Task[None] | None = None
@@ -337,13 +300,6 @@ class Database:
             with self.engine.connect() as connection:
                 return await asyncio.to_thread(_migrate, connection, dialect)
 
-    async def check_migrated(self) -> None:
-        """Raise :class:`DatabaseNotMigrated` unless the schema is at the latest version."""
-        current = await self.current_version()
-        latest = self.latest_version()
-        if current < latest:
-            raise DatabaseNotMigrated(current=current, latest=latest)
-
     # -- notifications ----------------------------------------------------------------
 
     async def start_listening(self) -> None:
@@ -488,4 +444,11 @@ def _migrate(connection: Connection, dialect: str) -> list[int]:
     return applied
 
 
-__all__ = ["Database", "driver_url", "migration_files"]
+__all__ = [
+    "UNREACHABLE",
+    "Database",
+    "driver_url",
+    "is_transient",
+    "migration_files",
+    "unavailable",
+]
