@@ -531,10 +531,12 @@ class MongoTx(Transaction):
         return doc is not None
 
     def _claimable(self, namespace: str, node_names: Sequence[str]) -> Doc:
+        names = sorted(set(node_names))
         return {
             "namespace": namespace,
             "status": StateStatus.CREATED.value,
-            "node_name": {"$in": list(node_names)},
+            # An equality for the usual single node: some servers plan ``$in`` worse.
+            "node_name": names[0] if len(names) == 1 else {"$in": names},
         }
 
     async def claim(
@@ -553,7 +555,7 @@ class MongoTx(Transaction):
         if not docs:
             return []
         ids = [d["_id"] for d in docs]
-        await self.states.update_many(
+        result = await self.states.update_many(
             {"_id": {"$in": ids}, "status": StateStatus.CREATED.value},
             {
                 "$set": {
@@ -565,6 +567,10 @@ class MongoTx(Transaction):
             },
             session=self.session,
         )
+        if result.modified_count != len(ids):  # never in a snapshot; refuse to hand them out
+            raise mongo_errors.PyMongoError(
+                "claimed states changed under the claim", error_labels=["TransientTransactionError"]
+            )
         claimed = [ClaimedRow(**STATES.decode(d, _CLAIMED)) for d in docs]
         self._work.get(namespace, set()).difference_update(ids)
         return claimed
