@@ -31,6 +31,9 @@ REPORTING_S = LEASE_S + 5 + 2
 
 
 @pytest.mark.slow
+# Not on MongoDB: its 5-second leases are timed for the SQL backends, and SecantusDB
+# (MongoDB in CI) answers reports too slowly for them under this load.
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_leases_running_out_while_sibling_branches_report(
     database_url: str, tmp_path: Path
 ) -> None:
