@@ -14,7 +14,6 @@ import httpx
 import sqlalchemy as sa
 from sm_api import Api, expect_error, node, template_node
 from sm_support import RunningServer, serve, server_process, test_settings, unique_namespace
-
 from state_manager.store.database import Database
 from state_manager.store.tables import runs, states, trigger_keys
 
