@@ -154,8 +154,31 @@ async def purge_expired_triggers(ctx: Context) -> int:
 # -- expiry and retention -------------------------------------------------------------
 
 KEY_PURGE_BATCH = 1000
-# A SQLite deletion holds the only write lock: smaller transactions let reports through.
-SQLITE_RETENTION_CHUNK = 100
+# A SQLite deletion holds the only write lock: smaller transactions let reports through
+# (measured here: 2000 states of 20 per run took 85-135 ms to delete).
+SQLITE_RETENTION_RUNS = 100
+SQLITE_RETENTION_STATES = 1000
+
+
+def _chunks(expired: dict[str, int], small: bool) -> list[list[str]]:
+    """The runs to delete, one list per transaction: all at once, or (``small``) at most
+    :data:`SQLITE_RETENTION_RUNS` runs and about :data:`SQLITE_RETENTION_STATES` states."""
+    if not small:
+        return [list(expired)] if expired else []
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for run_id, count in expired.items():
+        if current and (
+            len(current) >= SQLITE_RETENTION_RUNS or weight + count > SQLITE_RETENTION_STATES
+        ):
+            chunks.append(current)
+            current, weight = [], 0
+        current.append(run_id)
+        weight += count
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 async def purge_expired_trigger_keys(ctx: Context) -> int:
@@ -194,12 +217,11 @@ async def delete_expired_runs(ctx: Context, cursor: RetentionCursor) -> int:
         candidates = await tx.runs_created_before(cutoff, cursor.after, limit)
         expired = await tx.finished_before([run_id for _, run_id in candidates], cutoff)
     cursor.after = candidates[-1] if len(candidates) == limit else None
-    chunk = limit if ctx.db.dialect == "postgresql" else min(limit, SQLITE_RETENTION_CHUNK)
     deleted = 0
-    for start in range(0, len(expired), chunk):
+    for chunk in _chunks(expired, ctx.db.dialect == "sqlite"):
         async with ctx.db.write() as tx:
-            locked = await tx.lock_runs_for_deletion(expired[start : start + chunk])
-            deleted += await tx.delete_runs(await tx.finished_before(locked, cutoff))
+            locked = await tx.lock_runs_for_deletion(chunk)
+            deleted += await tx.delete_runs(list(await tx.finished_before(locked, cutoff)))
     if deleted:
         ctx.metrics.runs_deleted.inc(deleted)
         logger.info("retention deleted %d finished run(s)", deleted)

@@ -846,12 +846,12 @@ class Tx:
         result = await self._execute(query.order_by(runs.c.created_at, runs.c.run_id).limit(limit))
         return [(int(row[0]), row[1]) for row in result]
 
-    async def finished_before(self, run_ids: Sequence[str], cutoff: int) -> list[str]:
+    async def finished_before(self, run_ids: Sequence[str], cutoff: int) -> dict[str, int]:
         """Those of ``run_ids`` with no pending state and no state changed since ``cutoff``
-        (a run without states counts from its creation). Reads each run's states by
-        ``ix_states_run_id``."""
+        (a run without states counts from its creation), each with its number of states.
+        Reads each run's states by ``ix_states_run_id``."""
         if not run_ids:
-            return []
+            return {}
         pending = sa.case(
             (states.c.status.in_([s.value for s in RUN_PENDING_STATE_STATUSES]), 1), else_=0
         )
@@ -860,21 +860,23 @@ class Tx:
                 states.c.run_id.label("run_id"),
                 sa.func.sum(pending).label("pending"),
                 sa.func.max(states.c.updated_at).label("last"),
+                sa.func.count().label("states"),
             )
             .where(states.c.run_id.in_(list(run_ids)))
             .group_by(states.c.run_id)
             .subquery()
         )
         result = await self._execute(
-            sa.select(runs.c.run_id)
+            sa.select(runs.c.run_id, sa.func.coalesce(activity.c.states, 0))
             .select_from(runs.outerjoin(activity, activity.c.run_id == runs.c.run_id))
             .where(
                 runs.c.run_id.in_(list(run_ids)),
                 sa.func.coalesce(activity.c.pending, 0) == 0,
                 sa.func.coalesce(activity.c.last, runs.c.created_at) < cutoff,
             )
+            .order_by(runs.c.run_id)
         )
-        return [row[0] for row in result]
+        return {row[0]: int(row[1]) for row in result}
 
     async def lock_runs_for_deletion(self, run_ids: Sequence[str]) -> list[str]:
         """On PostgreSQL, lock the runs that no other transaction holds (skipping the
