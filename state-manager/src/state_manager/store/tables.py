@@ -167,6 +167,7 @@ cron_triggers = sa.Table(
         "namespace", "graph_name", "expression", "trigger_time", name="uq_cron_triggers_fire"
     ),
     sa.Index("ix_cron_triggers_due", "trigger_status", "trigger_time"),
+    sa.Index("ix_cron_triggers_expires_at", "expires_at"),  # purge of fired records
 )
 
 # One row per Idempotency-Key given to a trigger (per namespace), written in the same

@@ -19,3 +19,6 @@ CREATE INDEX ix_trigger_keys_run_id ON trigger_keys (run_id);
 
 -- Retention walks runs oldest first, across namespaces.
 CREATE INDEX ix_runs_created_at ON runs (created_at, run_id);
+
+-- The purge of fired cron records finds them by expiry, not by scanning every fired one.
+CREATE INDEX ix_cron_triggers_expires_at ON cron_triggers (expires_at);
