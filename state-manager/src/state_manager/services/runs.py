@@ -213,6 +213,8 @@ async def delete_expired_runs(ctx: Context, cursor: RetentionCursor) -> int:
         return 0
     cutoff = ctx.clock() - days * 86_400_000
     limit = ctx.settings.retention_batch_runs
+    if ctx.db.dialect == "sqlite":  # its statements run on the event loop: keep them short
+        limit = min(limit, SQLITE_RETENTION_RUNS)
     async with ctx.db.read() as tx:
         candidates = await tx.runs_created_before(cutoff, cursor.after, limit)
         expired = await tx.finished_before([run_id for _, run_id in candidates], cutoff)
