@@ -10,7 +10,9 @@ been alone. A refused operation writes nothing, so refusals never undo the other
 Statements per batch, whatever its size: lock the target states, look up the graphs,
 stores and ancestor outputs they need, update the states, insert the new states, runs
 and store entries, open fan-in groups and adjust each touched group once, and one claim
-statement per claim operation.
+statement per claim operation. Triggers with idempotency keys add one insert of their keys
+(and one read of the keys already held) per round: triggers of one batch sharing a key go
+in successive rounds, as if they had come one after the other.
 """
 
 from __future__ import annotations
