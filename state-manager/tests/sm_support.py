@@ -38,7 +38,7 @@ from state_manager.store import open_store
 from state_manager.store.contract import StateRow, Store
 from state_manager.store.database import Database
 from state_manager.store.mongo import NAMES
-from state_manager.store.tables import fanin_groups, states
+from state_manager.store.tables import fanin_groups, metadata, states
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "EXOSPHERE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -382,6 +382,81 @@ async def claimed_state_ids(database_url: str, namespace: str) -> set[str]:
         await db.close()
 
 
+async def count_rows(database_url: str, table: str, **where: Any) -> int:
+    """How many rows of ``table`` (documents of its MongoDB collection) match ``where``
+    (column = value, or column in a list)."""
+    if is_mongo(database_url):
+        return len(await _mongo_find(database_url, *_mongo_query(table, where)))
+    sql_table = metadata.tables[table]
+    query = sa.select(sa.func.count()).select_from(sql_table).where(*_sql_where(table, where))
+    db = Database(database_url, pool_size=1)
+    try:
+        return int(await db.run_sync(lambda connection: connection.scalar(query)))
+    finally:
+        await db.close()
+
+
+async def update_rows(
+    database_url: str,
+    table: str,
+    where: dict[str, Any],
+    *,
+    set_: dict[str, Any] | None = None,
+    add: dict[str, int] | None = None,
+) -> None:
+    """Change rows of ``table`` behind the server's back: set columns to values
+    (``set_``) or add to them (``add``)."""
+    if is_mongo(database_url):
+        from pymongo import AsyncMongoClient
+
+        uri, name = mongo_parts(database_url)
+        collection, query = _mongo_query(table, where)
+        update: dict[str, Any] = {}
+        if set_:
+            update["$set"] = set_
+        if add:
+            update["$inc"] = add
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+        try:
+            await client[name][collection].update_many(query, update)
+        finally:
+            await client.close()
+        return
+    sql_table = metadata.tables[table]
+    values: dict[str, Any] = dict(set_ or {})
+    for column, delta in (add or {}).items():
+        values[column] = sql_table.c[column] + delta
+    statement = sql_table.update().where(*_sql_where(table, where)).values(**values)
+
+    def run(connection: Any) -> None:
+        connection.execute(statement)
+        connection.commit()
+
+    db = Database(database_url, pool_size=1)
+    try:
+        await db.run_sync(run)
+    finally:
+        await db.close()
+
+
+def _sql_where(table: str, where: dict[str, Any]) -> list[Any]:
+    columns = metadata.tables[table].c
+    return [
+        columns[k].in_(v) if isinstance(v, list | tuple | set) else columns[k] == v
+        for k, v in where.items()
+    ]
+
+
+def _mongo_query(table: str, where: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    keys = list(metadata.tables[table].primary_key.columns)
+    key = keys[0].name if len(keys) == 1 else None
+    query = {
+        ("_id" if k == key else k): {"$in": list(v)} if isinstance(v, list | tuple | set) else v
+        for k, v in where.items()
+    }
+    return getattr(NAMES, table), query
+
+
 # -- the server as a separate process -------------------------------------------------
 
 
@@ -408,6 +483,10 @@ SETTINGS_VARIABLES = frozenset(
         "STATE_LEASE_SECONDS",
         "TRIGGER_RETENTION_HOURS",
         "TRIGGER_WORKERS",
+        "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS",
+        "EXOSPHERE_RETENTION_DAYS",
+        "EXOSPHERE_RETENTION_INTERVAL_SECONDS",
+        "EXOSPHERE_RETENTION_BATCH_RUNS",
     }
 )
 

@@ -16,9 +16,9 @@ from state_manager.services.context import retry_transient
 from state_manager.services.progress import state_row
 from state_manager.store.contract import Store
 from state_manager.store.database import Database
-from state_manager.store.mongo import NAMES, ORIGINAL_COLLECTIONS
+from state_manager.store.mongo import MIGRATIONS, NAMES, ORIGINAL_COLLECTIONS
 from state_manager.store.rows import MUTABLE_STATE_COLUMNS
-from state_manager.store.tables import metadata
+from state_manager.store.tables import metadata, schema_migrations
 
 NODE = NodeTemplate(node_name="Work", namespace="ns", identifier="work", inputs={})
 
@@ -84,6 +84,30 @@ def _schema(inspector: Any) -> dict[str, tuple[set[str], set[str], set[str]]]:
         )
         for name in inspector.get_table_names()
     }
+
+
+async def test_a_missing_migration_below_the_newest_is_reported(
+    db: Store, database_url: str
+) -> None:
+    """Versions may be added out of order (two branches); each must have been applied."""
+    await db.check_migrated()
+
+    def forget_first(connection: Any) -> None:
+        connection.execute(schema_migrations.delete().where(schema_migrations.c.version == 1))
+        connection.commit()
+
+    if isinstance(db, Database):
+        await db.run_sync(forget_first)
+    else:
+        import pymongo
+
+        uri, name = mongo_parts(database_url)
+        with pymongo.MongoClient(uri) as client:
+            client[name][NAMES.schema].update_one(
+                {"_id": "schema"}, {"$pull": {"applied": {"version": 1}}}
+            )
+    with pytest.raises(DatabaseNotMigrated):
+        await db.check_migrated()
 
 
 async def test_unmigrated_database_is_reported_with_the_command(database_url: str) -> None:
@@ -314,9 +338,10 @@ async def _check_mongo_migration(database_url: str) -> None:
         client[name][original].insert_one({"_id": "theirs", "status": "CREATED"})
     database = open_test_store(database_url)
     try:
-        assert await database.migrate() == [1]
+        assert await database.migrate() == [version for version, _ in MIGRATIONS]
         assert await database.migrate() == []
-        assert await database.current_version() == database.latest_version() == 1
+        await database.check_migrated()
+        assert await database.current_version() == database.latest_version()
     finally:
         await database.close()
     with pymongo.MongoClient(uri) as client:

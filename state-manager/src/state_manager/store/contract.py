@@ -24,6 +24,7 @@ from state_manager.store.rows import (
     StateCore,
     StateRow,
     TemplateRow,
+    TriggerKey,
     TriggerRow,
     VersionRow,
 )
@@ -263,6 +264,51 @@ class Transaction(abc.ABC):
     ) -> list[StateBrief]:
         """States below a fan-in group that are still pending (what a join waits for)."""
 
+    # -- idempotency keys of triggers -------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_trigger_keys(self, rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
+        """Insert idempotency keys (``namespace``, ``idempotency_key``, ``request_hash``,
+        ``run_id``, ``created_at``, ``expires_at``; each key at most once), taking over
+        a row whose ``expires_at`` has passed. Returns the (namespace, key) pairs now
+        held by these rows; the others belong to an earlier trigger."""
+
+    @abc.abstractmethod
+    async def trigger_keys(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], TriggerKey]:
+        """The stored rows of these (namespace, key) pairs (those that exist)."""
+
+    @abc.abstractmethod
+    async def delete_trigger_keys(self, keys: Iterable[tuple[str, str]]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_expired_trigger_keys(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` keys whose ``expires_at`` has passed."""
+
+    # -- retention --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def runs_created_before(
+        self, cutoff: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """Up to ``limit`` (created_at, run_id) of runs created before ``cutoff``, oldest
+        first, after the position ``after``."""
+
+    @abc.abstractmethod
+    async def finished_before(self, run_ids: Sequence[str], cutoff: int) -> dict[str, int]:
+        """Those of ``run_ids`` with no pending state and no state changed since ``cutoff``
+        (a run without states counts from its creation), each with its number of states."""
+
+    @abc.abstractmethod
+    async def lock_runs_for_deletion(self, run_ids: Sequence[str]) -> list[str]:
+        """The runs among ``run_ids`` this transaction may delete, excluding other
+        deleters (and reports on their states) until it ends."""
+
+    @abc.abstractmethod
+    async def delete_runs(self, run_ids: Sequence[str]) -> int:
+        """Delete runs and every row that belongs to them. Returns the runs deleted."""
+
 
 class Store(abc.ABC):
     """One database: transactions, schema migrations and cross-process wake-ups."""
@@ -325,6 +371,7 @@ __all__ = [
     "Store",
     "TemplateRow",
     "Transaction",
+    "TriggerKey",
     "TriggerRow",
     "VersionRow",
 ]

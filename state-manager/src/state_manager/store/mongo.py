@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
-from state_manager.errors import DatabaseNotSupported
+from state_manager.errors import DatabaseNotMigrated, DatabaseNotSupported
 from state_manager.store.contract import Store
 from state_manager.store.mongo_queries import MongoTx
 
@@ -82,6 +82,7 @@ class Names:
     states: str = PREFIX + "states"
     fanin_groups: str = PREFIX + "fanin_groups"
     cron_triggers: str = PREFIX + "cron_triggers"
+    trigger_keys: str = PREFIX + "trigger_keys"
     schema: str = PREFIX + "schema"
     signals: str = PREFIX + "signals"
 
@@ -89,12 +90,12 @@ class Names:
 NAMES = Names()
 
 
+def index(*keys: str, name: str, unique: bool = False, **options: Any) -> IndexModel:
+    return IndexModel([(k, ASCENDING) for k in keys], name=name, unique=unique, **options)
+
+
 def _indexes() -> dict[str, list[IndexModel]]:
     """Every index of schema version 1, by collection."""
-
-    def index(*keys: str, name: str, unique: bool = False, **options: Any) -> IndexModel:
-        return IndexModel([(k, ASCENDING) for k in keys], name=name, unique=unique, **options)
-
     return {
         NAMES.registered_nodes: [
             index("namespace", "name", name="uq_registered_nodes_namespace_name", unique=True)
@@ -149,9 +150,24 @@ def _indexes() -> dict[str, list[IndexModel]]:
     }
 
 
-async def _create_indexes(store: MongoStore) -> None:
+def _idempotency_retention_indexes() -> dict[str, list[IndexModel]]:
+    """Schema version 3 (as SQL migration 0003): trigger idempotency keys, retention."""
+    return {
+        NAMES.trigger_keys: [
+            index(
+                "namespace", "idempotency_key", name="uq_trigger_keys_namespace_key", unique=True
+            ),
+            index("expires_at", name="ix_trigger_keys_expires_at"),
+            index("run_id", name="ix_trigger_keys_run_id"),
+        ],
+        NAMES.runs: [index("created_at", "_id", name="ix_runs_created_at")],
+        NAMES.cron_triggers: [index("expires_at", name="ix_cron_triggers_expires_at")],
+    }
+
+
+async def _create(store: MongoStore, wanted: dict[str, list[IndexModel]]) -> None:
     existing = set(await store.database.list_collection_names())
-    for collection, indexes in _indexes().items():
+    for collection, indexes in wanted.items():
         if collection not in existing:
             # Collections must exist before a transaction writes to them on older servers.
             with contextlib.suppress(mongo_errors.CollectionInvalid):
@@ -159,8 +175,20 @@ async def _create_indexes(store: MongoStore) -> None:
         await store.database[collection].create_indexes(indexes)
 
 
-# (version, what it does): applied in order by `state-manager migrate`.
-MIGRATIONS: list[tuple[int, Callable[[MongoStore], Any]]] = [(1, _create_indexes)]
+async def _create_indexes(store: MongoStore) -> None:
+    await _create(store, _indexes())
+
+
+async def _create_idempotency_retention(store: MongoStore) -> None:
+    await _create(store, _idempotency_retention_indexes())
+
+
+# (version, what it does): applied in order by `state-manager migrate`. Versions follow
+# the SQL migrations of the same feature, so a number may be missing for a while.
+MIGRATIONS: list[tuple[int, Callable[[MongoStore], Awaitable[None]]]] = [
+    (1, _create_indexes),
+    (3, _create_idempotency_retention),
+]
 
 
 class MongoStore(Store):
@@ -326,10 +354,13 @@ class MongoStore(Store):
                 ", ".join(found),
             )
 
-    async def current_version(self) -> int:
+    async def _applied(self) -> set[int]:
         await self.require_transactions()
         doc = await self.database[self.names.schema].find_one({"_id": SCHEMA_ID})
-        return int(doc["version"]) if doc else 0
+        return {int(entry["version"]) for entry in doc.get("applied", [])} if doc else set()
+
+    async def current_version(self) -> int:
+        return max(await self._applied(), default=0)
 
     def latest_version(self) -> int:
         return MIGRATIONS[-1][0]
@@ -339,10 +370,10 @@ class MongoStore(Store):
         may run again safely, so replicas starting together need no lock)."""
         await self.require_transactions()
         await self._report_original_collections()
-        current = await self.current_version()
+        done = await self._applied()
         applied: list[int] = []
         for version, step in MIGRATIONS:
-            if version <= current:
+            if version in done:
                 continue
             await step(self)
             await self.database[self.names.schema].update_one(
@@ -358,8 +389,10 @@ class MongoStore(Store):
         return applied
 
     async def check_migrated(self) -> None:
-        await self.require_transactions()
-        await super().check_migrated()
+        """Raise :class:`DatabaseNotMigrated` unless every shipped version was applied."""
+        done = await self._applied()
+        if any(version not in done for version, _ in MIGRATIONS):
+            raise DatabaseNotMigrated(current=max(done, default=0), latest=self.latest_version())
 
     async def close(self) -> None:
         if self._watcher is not None:

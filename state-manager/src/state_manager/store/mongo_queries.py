@@ -31,7 +31,12 @@ from pymongo import errors as mongo_errors
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 
-from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
+from state_manager.domain.models import (
+    RUN_PENDING_STATE_STATUSES,
+    StateStatus,
+    TriggerStatus,
+    ValidationStatus,
+)
 from state_manager.store import tables
 from state_manager.store.contract import Transaction
 from state_manager.store.hot import dumps_json
@@ -45,6 +50,7 @@ from state_manager.store.rows import (
     StateCore,
     StateRow,
     TemplateRow,
+    TriggerKey,
     TriggerRow,
     VersionRow,
 )
@@ -105,6 +111,7 @@ STORES = Shape(tables.store_entries)
 STATES = Shape(tables.states)
 GROUPS = Shape(tables.fanin_groups)
 TRIGGERS = Shape(tables.cron_triggers)
+KEYS = Shape(tables.trigger_keys)
 
 _CORE = tuple(f.name for f in fields(StateCore))
 _CLAIMED = tuple(f.name for f in fields(ClaimedRow))
@@ -155,6 +162,7 @@ class MongoTx(Transaction):
         self.states: AsyncCollection[Doc] = db[names.states]
         self.groups: AsyncCollection[Doc] = db[names.fanin_groups]
         self.triggers: AsyncCollection[Doc] = db[names.cron_triggers]
+        self.keys: AsyncCollection[Doc] = db[names.trigger_keys]
 
     # -- helpers ------------------------------------------------------------------
 
@@ -741,6 +749,169 @@ class MongoTx(Transaction):
             },
             session=self.session,
         )
+        return int(result.deleted_count)
+
+    # -- idempotency keys of triggers ---------------------------------------------
+
+    @staticmethod
+    def _pairs(keys: Iterable[tuple[str, str]]) -> Doc | None:
+        pairs = sorted(set(keys))
+        if not pairs:
+            return None
+        return {"$or": [{"namespace": ns, "idempotency_key": key} for ns, key in pairs]}
+
+    async def claim_trigger_keys(self, rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
+        """Keys held by another unexpired row are left alone (nothing written); the others
+        are inserted, or taken over when expired, by an upsert that the unique index on
+        (namespace, key) decides between concurrent callers."""
+        ordered = sorted(rows, key=lambda r: (r["namespace"], r["idempotency_key"]))
+        query = self._pairs((r["namespace"], r["idempotency_key"]) for r in ordered)
+        if query is None:
+            return set()
+        held = {
+            (d["namespace"], d["idempotency_key"]): int(d["expires_at"])
+            for d in await self._find(self.keys, query)
+        }
+        claimed: set[tuple[str, str]] = set()
+        for row in ordered:
+            pair = (row["namespace"], row["idempotency_key"])
+            if pair in held and held[pair] > row["created_at"]:
+                continue
+            values = {k: row[k] for k in ("request_hash", "run_id", "created_at", "expires_at")}
+            await self._upsert(
+                self.keys,
+                {
+                    "namespace": pair[0],
+                    "idempotency_key": pair[1],
+                    "expires_at": {"$lte": row["created_at"]},
+                },
+                {"$set": values},
+            )
+            claimed.add(pair)
+        return claimed
+
+    async def trigger_keys(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], TriggerKey]:
+        query = self._pairs(keys)
+        if query is None:
+            return {}
+        return {
+            (d["namespace"], d["idempotency_key"]): TriggerKey(
+                run_id=d["run_id"], request_hash=d["request_hash"]
+            )
+            for d in await self._find(self.keys, query)
+        }
+
+    async def delete_trigger_keys(self, keys: Iterable[tuple[str, str]]) -> None:
+        query = self._pairs(keys)
+        if query is not None:
+            self.used = True
+            await self.keys.delete_many(query, session=self.session)
+
+    async def delete_expired_trigger_keys(self, now: int, limit: int) -> int:
+        docs = await self._find(
+            self.keys,
+            {"expires_at": {"$lte": now}},
+            projection={"_id": 1},
+            sort=[("expires_at", ASCENDING)],
+            limit=limit,
+        )
+        if not docs:
+            return 0
+        result = await self.keys.delete_many(
+            {"_id": {"$in": [d["_id"] for d in docs]}}, session=self.session
+        )
+        return int(result.deleted_count)
+
+    # -- retention ------------------------------------------------------------------
+
+    async def runs_created_before(
+        self, cutoff: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        query: Doc = {"created_at": {"$lt": cutoff}}
+        if after is not None:
+            query = {
+                "$and": [
+                    query,
+                    {
+                        "$or": [
+                            {"created_at": {"$gt": after[0]}},
+                            {"created_at": after[0], "_id": {"$gt": after[1]}},
+                        ]
+                    },
+                ]
+            }
+        docs = await self._find(
+            self.runs,
+            query,
+            projection={"created_at": 1},
+            sort=[("created_at", ASCENDING), ("_id", ASCENDING)],
+            limit=limit,
+        )
+        return [(int(d["created_at"]), d["_id"]) for d in docs]
+
+    async def finished_before(self, run_ids: Sequence[str], cutoff: int) -> dict[str, int]:
+        ids = sorted(set(run_ids))
+        if not ids:
+            return {}
+        created = {
+            d["_id"]: int(d["created_at"])
+            for d in await self._find(
+                self.runs, {"_id": {"$in": ids}}, projection={"created_at": 1}
+            )
+        }
+        pending = [s.value for s in RUN_PENDING_STATE_STATUSES]
+        activity = await self._aggregate(
+            self.states,
+            [
+                {"$match": {"run_id": {"$in": ids}}},
+                {
+                    "$group": {
+                        "_id": "$run_id",
+                        "pending": {"$sum": {"$cond": [{"$in": ["$status", pending]}, 1, 0]}},
+                        "last": {"$max": "$updated_at"},
+                        "states": {"$sum": 1},
+                    }
+                },
+            ],
+        )
+        by_run = {d["_id"]: d for d in activity}
+        found: dict[str, int] = {}
+        for run_id in ids:
+            if run_id not in created:
+                continue
+            seen = by_run.get(run_id)
+            if seen is None:
+                if created[run_id] < cutoff:
+                    found[run_id] = 0
+            elif int(seen["pending"]) == 0 and int(seen["last"]) < cutoff:
+                found[run_id] = int(seen["states"])
+        return found
+
+    async def lock_runs_for_deletion(self, run_ids: Sequence[str]) -> list[str]:
+        """Write to the runs (``$inc`` of ``lock``): a second deleter conflicts, and so
+        does a report on one of their states once the deletion writes it; the later
+        transaction runs again and sees what the first one did."""
+        ids = sorted(set(run_ids))
+        if not ids:
+            return []
+        self.used = True
+        await self.runs.update_many(
+            {"_id": {"$in": ids}}, {"$inc": {"lock": 1}}, session=self.session
+        )
+        docs = await self._find(self.runs, {"_id": {"$in": ids}}, projection={"_id": 1})
+        return sorted(d["_id"] for d in docs)
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> int:
+        ids = sorted(set(run_ids))
+        if not ids:
+            return 0
+        self.used = True
+        selector = {"run_id": {"$in": ids}}
+        for collection in (self.groups, self.states, self.stores, self.keys):
+            await collection.delete_many(selector, session=self.session)
+        result = await self.runs.delete_many({"_id": {"$in": ids}}, session=self.session)
         return int(result.deleted_count)
 
     # == dashboard reads ==========================================================

@@ -155,6 +155,14 @@ class TriggerRow:
     trigger_status: str
 
 
+@dataclass(frozen=True)
+class TriggerKey:
+    """The run an idempotency key started, and the hash of the request that started it."""
+
+    run_id: str
+    request_hash: str
+
+
 @dataclass
 class NodeCounts:
     """A run's states of one identifier: count per status and fan-out members."""
