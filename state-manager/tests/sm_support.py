@@ -162,6 +162,43 @@ def secantus_uri() -> str:
         return uri
 
 
+@contextlib.contextmanager
+def standalone_mongo() -> Iterator[str]:
+    """A SecantusDB server that presents itself as a standalone ``mongod`` (no replica
+    set, so no transactions); yields its URI."""
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="exo-standalone-"))
+    command = [*_secantus_command(), "--host", "127.0.0.1", "--port", str(port), "--standalone"]
+    command += ["--storage-path", str(root / "data"), "--log-level", "WARNING"]
+    with (root / "secantus.log").open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+    uri = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _mongo_ping(uri, 500)
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "standalone SecantusDB did not start:\n"
+                        + (root / "secantus.log").read_text(errors="replace")
+                    ) from None
+                time.sleep(0.1)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def mongo_server_uri() -> str:
     """The MongoDB server under test: EXOSPHERE_TEST_MONGO_URI, else SecantusDB.
     Skips locally, fails in CI, when it cannot be had."""

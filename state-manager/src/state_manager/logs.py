@@ -71,3 +71,6 @@ def configure(level: str, *, json_lines: bool) -> None:
         logging.getLogger(name).propagate = True
     # The access middleware logs each request once, with its id; uvicorn's own line is redundant.
     logging.getLogger("uvicorn.access").disabled = True
+    # The MongoDB driver's debug records carry whole commands and documents (payloads,
+    # stored secrets): never below WARNING.
+    logging.getLogger("pymongo").setLevel(max(logging.getLevelName(level), logging.WARNING))

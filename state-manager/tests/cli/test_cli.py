@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from sm_support import free_port
+from sm_support import free_port, make_database, mongo_parts, standalone_mongo
 from state_manager.settings import generate_encryption_key
 
 
@@ -45,16 +45,56 @@ def test_production_without_secrets_exits_naming_them(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_mongo_uri_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+def test_mongo_uri_and_database_url_together_stop_start_up_naming_both(tmp_path: Path) -> None:
     env = {
         "EXOSPHERE_DATA_DIR": str(tmp_path),
         "MONGO_URI": "mongodb://127.0.0.1:27017",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
         "STATE_MANAGER_SECRET": "k",
         "SECRETS_ENCRYPTION_KEY": generate_encryption_key(),
     }
     result = run_cli("--mode=production", env=env)
     assert result.returncode == 2
-    assert "MONGO_URI" in result.stderr and "Traceback" not in result.stderr
+    assert "MONGO_URI" in result.stderr and "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_standalone_mongo_is_refused_saying_a_replica_set_is_required(tmp_path: Path) -> None:
+    with standalone_mongo() as uri:
+        env = {
+            "EXOSPHERE_DATA_DIR": str(tmp_path),
+            "MONGO_URI": uri,
+            "STATE_MANAGER_SECRET": "k",
+            "SECRETS_ENCRYPTION_KEY": generate_encryption_key(),
+        }
+        for args in (("migrate",), ("--mode=production",)):
+            result = run_cli(*args, env=env)
+            assert result.returncode == 3, result.stderr
+            assert "replica set" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mongo_migrate_leaves_the_original_collections_and_says_so(tmp_path: Path) -> None:
+    import pymongo
+
+    with make_database("mongo", tmp_path) as database:
+        uri, name = mongo_parts(database.url)
+        with pymongo.MongoClient(uri) as client:
+            client[name]["graph_templates"].insert_one({"_id": "theirs", "name": "g"})
+        env = {
+            "EXOSPHERE_DATA_DIR": str(tmp_path),
+            "MONGO_URI": uri,
+            "MONGO_DATABASE_NAME": name,
+            "STATE_MANAGER_SECRET": "k",
+            "SECRETS_ENCRYPTION_KEY": generate_encryption_key(),
+        }
+        unmigrated = run_cli("--mode=production", env=env)
+        assert unmigrated.returncode == 3 and "state-manager migrate" in unmigrated.stderr
+        migrated = run_cli("migrate", env=env)
+        assert migrated.returncode == 0, migrated.stderr
+        assert "up to date" in migrated.stdout
+        assert "graph_templates" in migrated.stderr and "left untouched" in migrated.stderr
+        with pymongo.MongoClient(uri) as client:
+            assert list(client[name]["graph_templates"].find()) == [{"_id": "theirs", "name": "g"}]
 
 
 def test_unmigrated_database_stops_production_start_naming_the_command(tmp_path: Path) -> None:

@@ -51,6 +51,8 @@ async def expect_healthy(client: httpx.AsyncClient) -> None:
     assert r.json() == {"message": "OK"}
 
 
+# The schema rollback below is SQL (MongoDB's version record: test_store_contract).
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_ready_follows_the_schema_version(
     database_url: str, client: httpx.AsyncClient
 ) -> None:
@@ -103,6 +105,8 @@ def quiet_server(database_url: str, tmp_path: Path) -> Iterator[RunningServer]:
             database.engine = engine
 
 
+# The tripwire replaces the SQL engine; /health is backend-independent.
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_health_never_touches_the_database(quiet_server: RunningServer) -> None:
     database = context_of(quiet_server).db
     async with httpx.AsyncClient(base_url=quiet_server.base_url, timeout=30) as client:

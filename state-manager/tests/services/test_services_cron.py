@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sm_support import test_settings
+from sm_support import open_test_store, test_settings
 from state_manager.crypto import SecretBox
 from state_manager.domain.models import GraphSpec, NodeTemplate, Trigger, TriggerStatus
 from state_manager.metrics import Metrics
 from state_manager.services import graphs, runs
 from state_manager.services.context import Context
-from state_manager.store.database import Database
 
 START = int(datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC).timestamp() * 1000)
 MINUTE = 60_000
@@ -31,7 +30,7 @@ class Clock:
 
 async def make_context(database_url: str, tmp_path: Path, clock: Clock) -> Context:
     settings = test_settings(database_url, tmp_path, trigger_retention_hours=1)
-    db = Database(database_url)
+    db = open_test_store(database_url)
     await db.migrate()
     return Context(
         db=db,
