@@ -27,6 +27,7 @@ from deploy_support import (
 
 LOCAL = COMPOSE_DIR / "docker-compose.yml"
 PROD = COMPOSE_DIR / "docker-compose.prod.yml"
+MONGO = COMPOSE_DIR / "docker-compose.mongo.yml"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 REQUIRED_SECRETS = ("STATE_MANAGER_SECRET", "SECRETS_ENCRYPTION_KEY")
 
@@ -60,8 +61,8 @@ def interpolated(path: Path, env: dict[str, str] | None = None) -> dict[str, Any
     return document
 
 
-def test_there_are_exactly_the_two_documented_files() -> None:
-    assert compose_files() == sorted([LOCAL, PROD])
+def test_there_are_exactly_the_three_documented_files() -> None:
+    assert compose_files() == sorted([LOCAL, MONGO, PROD])
 
 
 @pytest.mark.parametrize("path", compose_files(), ids=lambda p: p.name)
@@ -135,7 +136,7 @@ def test_server_environment_names_are_real_settings() -> None:
     known = set(settings_variables())
     for path in compose_files():
         for service in load_yaml(path)["services"].values():
-            if "postgres" in str(service.get("image", "")):
+            if str(service.get("image", "")).startswith(("postgres", "mongo")):
                 continue
             for key in service.get("environment", {}):
                 assert key in known, f"{path.name}: {key} is not read by settings.py"
@@ -161,6 +162,24 @@ def test_local_stack_gates_the_server_on_a_healthy_postgres_16() -> None:
     assert SAMPLE_ENV["POSTGRES_PASSWORD"] in url
     assert server["build"] == {"context": "../..", "dockerfile": "deploy/Dockerfile"}
     assert (COMPOSE_DIR / server["build"]["context"] / server["build"]["dockerfile"]).exists()
+
+
+def test_mongo_stack_gates_the_server_on_a_healthy_single_node_replica_set() -> None:
+    document = interpolated(MONGO)
+    services = document["services"]
+    mongo = services["mongo"]
+    assert mongo["image"] == "mongo:7"
+    assert mongo["command"][:2] == ["--replSet", "rs0"]
+    assert "rs.initiate" in " ".join(mongo["healthcheck"]["test"])
+    assert "ports" not in mongo, "MongoDB is not published on the host"
+    assert mongo["volumes"][0].split(":")[0] in document["volumes"]
+    server = services["state-manager"]
+    assert server["depends_on"]["mongo"]["condition"] == "service_healthy"
+    environment = server["environment"]
+    assert "DATABASE_URL" not in environment  # both set would stop start-up
+    assert environment["MONGO_URI"] == "mongodb://mongo:27017/?replicaSet=rs0"
+    assert environment["MONGO_DATABASE_NAME"] == "exosphere"
+    assert server["build"] == interpolated(LOCAL)["services"]["state-manager"]["build"]
 
 
 def test_local_stack_publishes_the_image_port() -> None:

@@ -130,11 +130,17 @@ def test_documented_mode_behaviour_matches_the_code(tmp_path: Path) -> None:
         }
     )
     assert production.auto_migrate is False
-    with pytest.raises(ConfigError, match="MONGO_URI"):
+    with pytest.raises(ConfigError, match="MONGO_URI and DATABASE_URL"):
         Settings.from_env(
-            {"MODE": "development", "EXOSPHERE_DATA_DIR": str(tmp_path), "MONGO_URI": "x"}
+            {
+                "MODE": "development",
+                "EXOSPHERE_DATA_DIR": str(tmp_path),
+                "MONGO_URI": "mongodb://db:27017/?replicaSet=rs0",
+                "DATABASE_URL": "postgresql://db/x",
+            }
         )
-    assert "stops start-up" in documented_variables()["MONGO_URI"][1]
+    mongo = documented_variables()["MONGO_URI"][1]
+    assert "naming both" in mongo and "replica set" in mongo
 
 
 def _help(*arguments: str) -> str:

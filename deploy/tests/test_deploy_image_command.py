@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from deploy_support import (
+    COMPOSE_DIR,
     IMAGE_PORT,
     KUBERNETES_DIR,
     RunningServer,
@@ -38,7 +39,7 @@ from deploy_support import (
     substitute_port,
     wait_until_serving,
 )
-from sm_support import make_database
+from sm_support import make_database, mongo_parts
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +124,16 @@ def test_image_command_refuses_to_start_without_a_secret(tmp_path: Path, missing
     assert not (tmp_path / "dev-secrets.env").exists(), "production must never invent secrets"
 
 
-def test_image_command_refuses_mongo_uri_until_that_backend_exists(tmp_path: Path) -> None:
-    env = {**image_environment(tmp_path), "MONGO_URI": "mongodb://db.example.com:27017"}
+def test_image_command_refuses_mongo_uri_beside_database_url(tmp_path: Path) -> None:
+    env = {
+        **image_environment(tmp_path),
+        "MONGO_URI": "mongodb://db.example.com:27017/?replicaSet=rs0",
+        "DATABASE_URL": "postgresql://exosphere@db.example.com:5432/exosphere",
+    }
     command = substitute_port(load_dockerfile().command(), free_port())
     code, output = run_to_completion(command, env, tmp_path)
-    assert code != 0
-    assert "MONGO_URI" in output
+    assert code == 2
+    assert "MONGO_URI" in output and "DATABASE_URL" in output
 
 
 # ------------------------------------------- the multi-replica flow, on PostgreSQL
@@ -195,8 +200,11 @@ def compose_services(path: Path, env: dict[str, str]) -> dict[str, Any]:
     return services
 
 
+SQL_COMPOSE_FILES = [p for p in compose_files() if "mongo" not in p.name]
+
+
 @pytest.mark.postgres
-@pytest.mark.parametrize("compose_file", compose_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("compose_file", SQL_COMPOSE_FILES, ids=lambda p: p.name)
 def test_postgres_compose_stack_settings_start_a_ready_server(
     tmp_path: Path, postgres_database_url: str, compose_file: Path
 ) -> None:
@@ -212,10 +220,6 @@ def test_postgres_compose_stack_settings_start_a_ready_server(
         "STATE_MANAGER_IMAGE": "exosphere-state-manager:test",
     }
     services = compose_services(compose_file, operator_env)
-    dockerfile = load_dockerfile()
-    entrypoint_instruction = dockerfile.final.last("ENTRYPOINT")
-    assert entrypoint_instruction is not None
-    entrypoint = entrypoint_instruction.exec_form() or []
 
     def service_env(name: str) -> dict[str, str]:
         env = image_environment(tmp_path)
@@ -223,6 +227,37 @@ def test_postgres_compose_stack_settings_start_a_ready_server(
         # The stack's own database host is not reachable here: use the test database.
         env["DATABASE_URL"] = postgres_database_url
         return env
+
+    _start_ready_server(tmp_path, services, service_env)
+
+
+def test_mongo_compose_stack_settings_start_a_ready_server(tmp_path: Path) -> None:
+    """The MongoDB compose file's server, its MONGO_URI pointed at a test database
+    (SecantusDB, or EXOSPHERE_TEST_MONGO_URI): migrates on start and becomes ready."""
+    compose_file = COMPOSE_DIR / "docker-compose.mongo.yml"
+    operator_env = {**generated_secrets(), "STATE_MANAGER_IMAGE": "exosphere-state-manager:test"}
+    services = compose_services(compose_file, operator_env)
+    with make_database("mongo", tmp_path, prefix="exo_deploy_") as database:
+        uri, name = mongo_parts(database.url)
+
+        def service_env(service: str) -> dict[str, str]:
+            env = image_environment(tmp_path)
+            environment = services[service]["environment"]
+            env.update({key: str(value) for key, value in environment.items()})
+            assert "DATABASE_URL" not in env
+            env.update({"MONGO_URI": uri, "MONGO_DATABASE_NAME": name})
+            return env
+
+        _start_ready_server(tmp_path, services, service_env)
+
+
+def _start_ready_server(
+    tmp_path: Path, services: dict[str, Any], service_env: Callable[[str], dict[str, str]]
+) -> None:
+    dockerfile = load_dockerfile()
+    entrypoint_instruction = dockerfile.final.last("ENTRYPOINT")
+    assert entrypoint_instruction is not None
+    entrypoint = entrypoint_instruction.exec_form() or []
 
     if "migrate" in services:
         code, output = run_to_completion(

@@ -10,6 +10,7 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
+import yaml
 from deploy_support import (
     KUBERNETES_DIR,
     all_kubernetes_documents,
@@ -234,3 +235,19 @@ def test_optional_postgres_is_self_contained_and_matches_database_url() -> None:
     credentials = find("Secret", "postgres-credentials")["stringData"]
     assert url.endswith("/" + credentials["POSTGRES_DB"])
     assert url.startswith(f"postgresql://{credentials['POSTGRES_USER']}:")
+
+
+def test_the_secrets_mongodb_alternative_is_accepted_by_the_server() -> None:
+    """Uncommenting the MongoDB lines of the Secret (and deleting DATABASE_URL) gives
+    settings the server starts with: MongoDB selected, the guide's database name."""
+    from state_manager.settings import Settings
+
+    text = (KUBERNETES_DIR / "20-secret.yaml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("  DATABASE_URL:")]
+    text = "\n".join(line.replace("  # MONGO_", "  MONGO_") for line in lines)
+    secret = yaml.safe_load(text)["stringData"]
+    assert "DATABASE_URL" not in secret and set(secret) <= set(settings_variables())
+    env = {**secret, "SECRETS_ENCRYPTION_KEY": "c2FtcGxlLWtleS1zYW1wbGUta2V5LXNhbXBsZS1rZXk="}
+    settings = Settings.from_env(env)
+    assert settings.mongo_uri.startswith("mongodb+srv://") and not settings.database_url
+    assert settings.mongo_database_name == "exosphere"
