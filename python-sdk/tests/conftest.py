@@ -53,3 +53,15 @@ def sm_server_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         server_process(database.url, workdir / "data") as server,
     ):
         yield server
+
+
+@pytest.fixture(scope="session")
+def sm_server_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real state manager on a fresh MongoDB database (SecantusDB, or the server of
+    EXOSPHERE_TEST_MONGO_URI)."""
+    workdir = tmp_path_factory.mktemp("state-manager-mongo")
+    with (
+        make_database("mongo", workdir, prefix="exo_sdk_") as database,
+        server_process(database.url, workdir / "data") as server,
+    ):
+        yield server

@@ -83,10 +83,19 @@ def published_python() -> Path:
     return _published_venv() / "bin" / "python"
 
 
+@pytest.fixture(params=["sqlite", "mongo"])
+def compat_server(request: pytest.FixtureRequest) -> ServerProcess:
+    """The server the published SDK talks to: on SQLite, and on MongoDB."""
+    name = "sm_server" if request.param == "sqlite" else "sm_server_mongo"
+    server: ServerProcess = request.getfixturevalue(name)
+    return server
+
+
 @pytest.fixture
 def published_worker(
-    published_python: Path, sm_server: ServerProcess, tmp_path: Path
+    published_python: Path, compat_server: ServerProcess, tmp_path: Path
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    sm_server = compat_server
     namespace = unique_namespace("compat")
     with (tmp_path / "published-worker.log").open("wb") as log:
         process = subprocess.Popen(
@@ -117,9 +126,10 @@ def _clean_env(server: ServerProcess) -> dict[str, str]:
 async def test_published_sdk_runs_fan_out_fan_in_with_retries_and_secrets(
     published_python: Path,
     published_worker: tuple[str, subprocess.Popen[bytes]],
-    sm_server: ServerProcess,
+    compat_server: ServerProcess,
     tmp_path: Path,
 ) -> None:
+    sm_server = compat_server
     namespace, worker = published_worker
     async with httpx.AsyncClient(
         base_url=sm_server.base_url, headers={"x-api-key": sm_server.key}
