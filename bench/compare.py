@@ -1,6 +1,6 @@
 """Our system against Celery + Redis: the same workloads, one table, ratios ours / Celery.
 
-    uv run python bench/compare.py [--size small|full] [--backend sqlite|postgres|both]
+    uv run python bench/compare.py [--size small|full] [--backend sqlite|postgres|both|mongo|all]
                                    [--systems ours,celery] [--repeat N] [--json FILE]
 
 Ours: the state manager as its own process (a fresh SQLite file or PostgreSQL database),
@@ -39,9 +39,19 @@ from workloads import PLANS, Plan, medians, schedule
 HERE = Path(__file__).resolve().parent
 CELERY_ENV = HERE / "celery_env"
 BACKENDS = ("sqlite", "postgres")
+# Optional (``--backend mongo`` or ``all``): MongoDB, which is SecantusDB (a stand-in
+# written in Python) unless EXOSPHERE_TEST_MONGO_URI names a real server, so its
+# figures are SecantusDB's, not MongoDB's.
+MONGO_LABEL = "MongoDB" if os.environ.get("EXOSPHERE_TEST_MONGO_URI") else "SecantusDB"
 SYSTEMS = ("ours", "celery")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/13"
-COLUMNS = {"sqlite": "ours, SQLite", "postgres": "ours, PostgreSQL", "celery": "Celery + Redis"}
+COLUMNS = {
+    "sqlite": "ours, SQLite",
+    "postgres": "ours, PostgreSQL",
+    "mongo": f"ours, {MONGO_LABEL}",
+    "celery": "Celery + Redis",
+}
+SHORT = {"sqlite": "SQLite", "postgres": "PostgreSQL", "mongo": MONGO_LABEL}
 
 
 def log(line: str) -> None:
@@ -248,7 +258,7 @@ def main_table(plan: Plan, results: dict[str, dict[str, Any]], backends: Sequenc
     systems = [b for b in backends if b in results] + (["celery"] if "celery" in results else [])
     ratios = [b for b in backends if b in results] if "celery" in results else []
     header = ["figure", "better", *(COLUMNS[s] for s in systems)]
-    header += [f"{'SQLite' if b == 'sqlite' else 'PostgreSQL'} / Celery" for b in ratios]
+    header += [f"{SHORT[b]} / Celery" for b in ratios]
     body = []
     for row in rows(plan):
         line = [row.label, row.better]
@@ -280,7 +290,7 @@ def cpu_table(plan: Plan, results: dict[str, dict[str, Any]]) -> str:
             def ms(name: str, m: dict[str, float] = m) -> str:
                 return cell(m.get(name), 2) if name in m else "-"
 
-            db = "cpu_db_ms" if system == "postgres" else "cpu_redis_ms"
+            db = "cpu_db_ms" if system in ("postgres", "mongo") else "cpu_redis_ms"
             db_cell = "(in server)" if system == "sqlite" else ms(db)
             body.append(
                 [
@@ -320,7 +330,13 @@ def parse_args() -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", choices=list(PLANS), default="small")
-    parser.add_argument("--backend", choices=[*BACKENDS, "both"], default="both")
+    parser.add_argument(
+        "--backend",
+        choices=[*BACKENDS, "both", "mongo", "all"],
+        default="both",
+        help="both: SQLite and PostgreSQL; all: and MongoDB (SecantusDB unless "
+        "EXOSPHERE_TEST_MONGO_URI is set)",
+    )
     parser.add_argument("--systems", default="ours,celery", help="comma-separated: ours,celery")
     parser.add_argument("--repeat", type=int, help="runs per workload (default: by size)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="a database to flush")
@@ -348,7 +364,8 @@ def main() -> None:
     plan = PLANS[args.size]
     if args.repeat is not None:
         plan = Plan.from_json(plan.to_json() | {"repeat": args.repeat})
-    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
+    choices = {"both": list(BACKENDS), "all": [*BACKENDS, "mongo"]}
+    backends = choices.get(args.backend, [args.backend])
     facts_start = machine_facts()
     started = time.monotonic()
     include_ours = "ours" in args.system_list

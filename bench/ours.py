@@ -39,6 +39,7 @@ from measure import (
     stop_process,
     wait_for,
 )
+from sm_support import secantus_pid
 from workloads import (
     CHAIN_STEPS,
     Measured,
@@ -150,7 +151,7 @@ class Ours:
     plan: Plan
     server_pid: int
     worker: subprocess.Popen[bytes]
-    database_name: str | None
+    db_processes: Callable[[], list[psutil.Process]] | None
     sm: StateManager
     tail: RecordTail
     reported: int = 0
@@ -160,9 +161,8 @@ class Ours:
             "server": lambda: process_tree(self.server_pid),
             "worker": lambda: process_tree(self.worker.pid),
         }
-        if self.database_name is not None:
-            name = self.database_name
-            roles["db"] = lambda: postgres_processes(name)
+        if self.db_processes is not None:
+            roles["db"] = self.db_processes
         roles["client"] = lambda: [psutil.Process()]
         return roles
 
@@ -328,7 +328,7 @@ async def running_system(backend: str, plan: Plan, env: dict[str, str]) -> Async
                         plan=plan,
                         server_pid=server.process.pid,
                         worker=worker,
-                        database_name=database.name,
+                        db_processes=database_processes(backend, database.name),
                         sm=sm,
                         tail=RecordTail(records),
                     )
@@ -337,6 +337,18 @@ async def running_system(backend: str, plan: Plan, env: dict[str, str]) -> Async
                 if worker.poll() is not None:
                     log = (Path(tmp) / "worker.log").read_text(errors="replace")
                     raise RuntimeError(f"the worker exited early ({worker.returncode}):\n{log}")
+
+
+def database_processes(backend: str, name: str | None) -> Callable[[], list[psutil.Process]] | None:
+    """The processes serving the benchmark's database, whose CPU counts as the database's:
+    PostgreSQL's backends of that database, or the SecantusDB server of this session."""
+    if backend == "postgres" and name is not None:
+        return lambda: postgres_processes(name)
+    if backend == "mongo":
+        pid = secantus_pid()
+        if pid is not None:
+            return lambda: process_tree(pid)
+    return None
 
 
 # -- backlog: claim cost and memory with many claimable states ---------------------------

@@ -199,6 +199,12 @@ def standalone_mongo() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def secantus_pid() -> int | None:
+    """The process id of this session's SecantusDB server, if one was started."""
+    process = _SECANTUS.process
+    return process.pid if process is not None and process.poll() is None else None
+
+
 def mongo_server_uri() -> str:
     """The MongoDB server under test: EXOSPHERE_TEST_MONGO_URI, else SecantusDB.
     Skips locally, fails in CI, when it cannot be had."""
