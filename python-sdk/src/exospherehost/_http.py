@@ -9,6 +9,7 @@ JSON bodies and decides which failures are worth retrying.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -106,6 +107,7 @@ class ApiClient:
         *,
         json: Any = None,
         request_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """Send one request; network failures raise ``httpx.RequestError``.
 
@@ -113,7 +115,8 @@ class ApiClient:
         encoding; NaN and infinities are sent as JSON constants, not refused).
         """
         content = None if json is None else to_json(json)
-        headers = None if json is None else _JSON_HEADERS
+        if json is not None:
+            headers = {**_JSON_HEADERS, **headers} if headers else _JSON_HEADERS
         if request_timeout is None:
             return await self.client.request(method, path, content=content, headers=headers)
         timeout = httpx.Timeout(request_timeout, connect=min(request_timeout, 10.0))
@@ -129,9 +132,12 @@ class ApiClient:
         json: Any = None,
         ok: tuple[int, ...] = (200,),
         request_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Send one request and return its JSON body; raise :class:`ApiError` unless ``ok``."""
-        response = await self.send(method, path, json=json, request_timeout=request_timeout)
+        response = await self.send(
+            method, path, json=json, request_timeout=request_timeout, headers=headers
+        )
         body = response_body(response)
         if response.status_code not in ok:
             raise ApiError(method, path, response.status_code, body)
