@@ -194,3 +194,44 @@ async def test_malformed_exchanges_are_refused_whole(client: httpx.AsyncClient) 
     # Nothing of a refused request was applied: the state is still queued.
     r = await api.post_state(state, "executed", {"outputs": [{"y": "1"}]})
     assert r.status_code == 200, r.text
+
+
+async def test_a_reported_step_hands_its_successor_back(client: httpx.AsyncClient) -> None:
+    """The successors an exchange's reports create go to that exchange's claim, ahead of
+    older claimable states, and are written claimed: no other claim can take them."""
+    api = Api(client, NS)
+    await _graph(api)
+    older, mine, fan = await _claim_a(api, 3)
+    await api.executed(older, {"y": "older"})  # an older B, claimable by anyone
+
+    answer = await _exchange(
+        api,
+        {
+            "reports": [{"state_id": mine, "kind": "executed", "outputs": [{"y": "mine"}]}],
+            "claim": {"nodes": ["B"], "batch_size": 1},
+        },
+    )
+    (handed,) = answer["states"]
+    assert (handed["node_name"], handed["inputs"]) == ("B", {"z": "mine"})
+
+    # Only as many as the limit: of a fan-out's two successors, one is handed over and
+    # the other stays claimable.
+    split = await _exchange(
+        api,
+        {
+            "reports": [
+                {"state_id": fan, "kind": "executed", "outputs": [{"y": "f1"}, {"y": "f2"}]}
+            ],
+            "claim": {"nodes": ["B"], "batch_size": 1},
+        },
+    )
+    assert [s["inputs"]["z"] for s in split["states"]] == ["f1"]
+
+    # The handed-over states are not claimable by anyone else; the others are.
+    rest = await api.claim("B", batch_size=10)
+    assert sorted(s["inputs"]["z"] for s in rest) == ["f2", "older"]
+    # A handed-over state is claimed (QUEUED, with a lease) and reports like any other.
+    beat = await api.post_state(handed["state_id"], "heartbeat", {})
+    assert beat.status_code == 200, beat.text
+    done = await api.post_state(handed["state_id"], "executed", {"outputs": [{}]})
+    assert done.status_code == 200, done.text
