@@ -79,7 +79,7 @@ def test_mongo_migrate_leaves_the_original_collections_and_says_so(tmp_path: Pat
     with make_database("mongo", tmp_path) as database:
         uri, name = mongo_parts(database.url)
         with pymongo.MongoClient(uri) as client:
-            client[name]["graph_templates"].insert_one({"_id": "theirs", "name": "g"})
+            client[name]["GraphTemplate"].insert_one({"_id": "theirs", "name": "g"})
         env = {
             "EXOSPHERE_DATA_DIR": str(tmp_path),
             "MONGO_URI": uri,
@@ -92,9 +92,9 @@ def test_mongo_migrate_leaves_the_original_collections_and_says_so(tmp_path: Pat
         migrated = run_cli("migrate", env=env)
         assert migrated.returncode == 0, migrated.stderr
         assert "up to date" in migrated.stdout
-        assert "graph_templates" in migrated.stderr and "left untouched" in migrated.stderr
+        assert "GraphTemplate" in migrated.stderr and "left untouched" in migrated.stderr
         with pymongo.MongoClient(uri) as client:
-            assert list(client[name]["graph_templates"].find()) == [{"_id": "theirs", "name": "g"}]
+            assert list(client[name]["GraphTemplate"].find()) == [{"_id": "theirs", "name": "g"}]
 
 
 def test_unmigrated_database_stops_production_start_naming_the_command(tmp_path: Path) -> None:

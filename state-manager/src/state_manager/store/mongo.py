@@ -40,16 +40,20 @@ from state_manager.store.mongo_queries import MongoTx
 logger = logging.getLogger(__name__)
 
 PREFIX = "sm_"
-# The collections of the original Exosphere state manager (see the v0 contract), which
-# we never read, write or drop.
+# The collections of the original Exosphere state manager (the v0 contract, 2.6), and
+# lower-case spellings of them, which we never read, write or drop.
 ORIGINAL_COLLECTIONS = frozenset(
     {
+        "State",
+        "GraphTemplate",
+        "RegisteredNode",
+        "Store",
+        "runs",
+        "DatabaseTriggers",
         "states",
         "graph_templates",
         "registered_nodes",
-        "runs",
         "store",
-        "triggers",
         "database_triggers",
     }
 )
