@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from state_manager.errors import DatabaseNotMigrated
 from state_manager.store.contract import Store
-from state_manager.store.failures import UNREACHABLE, is_transient, unavailable
+from state_manager.store.failures import DISK_FULL, UNREACHABLE, is_transient, unavailable
 from state_manager.store.hot import dumps_json
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
@@ -479,6 +479,7 @@ def _migrate(connection: Connection, dialect: str) -> list[int]:
 
 
 __all__ = [
+    "DISK_FULL",
     "UNREACHABLE",
     "Database",
     "driver_url",
