@@ -216,14 +216,14 @@ async def delete_expired_runs(ctx: Context, cursor: RetentionCursor) -> int:
         return 0
     cutoff = ctx.clock() - days * 86_400_000
     limit = ctx.settings.retention_batch_runs
-    if ctx.db.dialect == "sqlite":  # its statements run on the event loop: keep them short
+    if ctx.db.short_transactions:  # e.g. SQLite: statements on the event loop, one writer
         limit = min(limit, SQLITE_RETENTION_RUNS)
     async with ctx.db.read() as tx:
         candidates = await tx.runs_created_before(cutoff, cursor.after, limit)
         expired = await tx.finished_before([run_id for _, run_id in candidates], cutoff)
     cursor.after = candidates[-1] if len(candidates) == limit else None
     deleted = 0
-    for chunk in _chunks(expired, ctx.db.dialect == "sqlite"):
+    for chunk in _chunks(expired, ctx.db.short_transactions):
         deleted += await _delete_finished(ctx, chunk, cutoff)
     if deleted:
         ctx.metrics.runs_deleted.inc(deleted)

@@ -320,6 +320,10 @@ class Store(abc.ABC):
     #: A long poll looks for work again at least this often (ms), in case a wake-up
     #: from another process was missed or cannot be delivered.
     recheck_ms: int
+    #: Whether long write transactions hold up everyone else (SQLite's single writer,
+    #: its statements on the event loop): bulk work such as retention then runs in
+    #: small transactions.
+    short_transactions: bool = False
 
     @abc.abstractmethod
     def write(self, *, batch: bool = False) -> contextlib.AbstractAsyncContextManager[Transaction]:

@@ -105,6 +105,7 @@ class Database(Store):
         # PostgreSQL wakes other replicas with NOTIFY; SQLite shared by several server
         # processes has no such channel, so long polls look again soon.
         self.recheck_ms = 5_000 if self.dialect == "postgresql" else 500
+        self.short_transactions = self.dialect == "sqlite"
         self.on_work: Callable[[str], None] | None = None
         self._listener: Any = None
         self._keeper: asyncio.Task[None] | None = None
