@@ -2,8 +2,8 @@
 
 Several HTTP clients claim and report concurrently, with small random batches and
 long polls, while fan-out reports keep making hundreds of states claimable at once.
-Claimers report through the v0 routes, or through ``states/exchange``, whose claim is
-handed the successors its own reports create. With two servers (in this process, or two
+Claimers report through the v0 routes, or through ``states/exchange``, whose claim
+commits with its reports. With two servers (in this process, or two
 server processes), half of the clients talk to each; both servers share one database.
 """
 

@@ -122,14 +122,8 @@ class Trigger(Op[list[str]]):
 
 @dataclass(frozen=True, slots=True)
 class Claim(Op[list[ClaimedRow]]):
-    """Move up to ``limit`` claimable states of these nodes to QUEUED, oldest first.
-
-    With ``fresh_first`` (exchange claims), the states that the reports submitted just
-    before it in the same batch create for these nodes are handed to it first: they are
-    inserted already claimed, and only the rest of ``limit`` is claimed from the database.
-    """
+    """Move up to ``limit`` claimable states of these nodes to QUEUED, oldest first."""
 
     namespace: str
     node_names: tuple[str, ...]
     limit: int
-    fresh_first: bool = False

@@ -115,7 +115,7 @@ async def exchange(
     wanted = claim is not None and claim.batch_size > 0 and bool(claim.nodes)
     if claim is not None and wanted:
         limit = min(claim.batch_size, ctx.settings.max_batch_size)
-        ops.append(Claim(namespace, tuple(claim.nodes), limit, fresh_first=True))
+        ops.append(Claim(namespace, tuple(claim.nodes), limit))
     applied = await ctx.committer.submit_all(ops) if ops else []
     claimed: list[ClaimedRow] = []
     if wanted:

@@ -3,9 +3,7 @@
 The committer hands :func:`run_batch` every operation queued at one moment. They take
 effect as if applied one after the other in this order: changes to existing states
 (reports, signals, heartbeats, manual retries, expired leases), then new runs, then
-claims, so a claim already sees the states that the reports of its batch created (and
-an exchange's claim is handed first, written already claimed, the states that its own
-reports created: see ``Claim.fresh_first``). Each
+claims, so a claim already sees the states that the reports of its batch created. Each
 operation gets its own outcome: a value, or the domain error a client would get had it
 been alone. A refused operation writes nothing, so refusals never undo the others.
 
@@ -121,8 +119,6 @@ class _Batch:
     opened: set[str] = field(default_factory=set)
     ledger: GroupLedger = field(default_factory=GroupLedger)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
-    # Successor rows (among ``inserts``) created by each report, by operation index.
-    fresh: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     async def apply(self, tx: Transaction, ops: Sequence[Op[Any]]) -> list[Any]:
         outcomes: list[Any] = [None] * len(ops)
@@ -132,15 +128,10 @@ class _Batch:
         triggers = [(i, op) for i, op in enumerate(ops) if isinstance(op, Trigger)]
         if triggers:
             await self._start_runs(tx, triggers, outcomes)
-        claims = [(i, op) for i, op in enumerate(ops) if isinstance(op, Claim)]
-        handed = {
-            index: self._hand_over(ops, index, op)
-            for index, op in claims
-            if op.fresh_first and self.fresh
-        }
         await self.write(tx)
-        for index, op in claims:
-            outcomes[index] = await self._claim(tx, op, handed.get(index, []))
+        for index, op in enumerate(ops):
+            if isinstance(op, Claim):
+                outcomes[index] = await self._claim(tx, op)
         return outcomes
 
     async def write(self, tx: Transaction) -> None:
@@ -248,8 +239,6 @@ class _Batch:
             )
             self.inserts += members[1:]
             self.inserts += children
-            if children:
-                self.fresh[item.index] = children
             self.ledger.add(state.groups, StateStatus.QUEUED, status)
             for _sibling in members[1:]:
                 self.ledger.add(state.groups, None, status)
@@ -547,77 +536,12 @@ class _Batch:
 
     # -- claims -----------------------------------------------------------------------------
 
-    def _claimed_columns(self) -> dict[str, Any]:
-        """The columns a claim sets on a state. The one place where a claim's lease is
-        computed, for database claims and handed-over states alike."""
-        return {
-            "status": StateStatus.QUEUED.value,
-            "claimed_at": self.now,
-            "lease_expires_at": self.now + self.ctx.settings.lease_seconds * 1000,
-            "updated_at": self.now,
-        }
-
-    def _claim_limit(self, op: Claim) -> int:
-        return min(op.limit, self.ctx.settings.max_batch_size) if op.node_names else 0
-
-    def _hand_over(self, ops: Sequence[Op[Any]], index: int, op: Claim) -> list[ClaimedRow]:
-        """Hand the claim at ``index`` the claimable states that the reports submitted
-        just before it (an exchange's reports) create for its nodes, up to its limit.
-
-        Its reports are the state operations right before it in the batch: the committer
-        keeps a submission's operations together and in order, and an exchange submits
-        its reports, then its claim. (A lone report queued just before an exchange counts
-        too; its successors then go to this claim instead of the database claim.)
-
-        They are not yet written: they are inserted already claimed, in this transaction,
-        so no other claim can see them unclaimed and a failed batch writes none of them.
-        """
-        limit = self._claim_limit(op)
-        first = index
-        while first > 0 and isinstance(ops[first - 1], StateOp):
-            first -= 1
-        wanted = set(op.node_names)
-        handed: list[ClaimedRow] = []
-        claimed = self._claimed_columns()
-        for position in range(first, index):
-            for row in self.fresh.get(position, ()):
-                if len(handed) >= limit:
-                    return handed
-                if (
-                    row["status"] == StateStatus.CREATED.value
-                    and row["namespace"] == op.namespace
-                    and row["node_name"] in wanted
-                    and row["enqueue_after"] <= self.now
-                ):
-                    row.update(claimed)
-                    handed.append(
-                        ClaimedRow(
-                            id=row["id"],
-                            namespace=row["namespace"],
-                            node_name=row["node_name"],
-                            identifier=row["identifier"],
-                            inputs=row["inputs"],
-                            enqueue_after=row["enqueue_after"],
-                            created_at=row["created_at"],
-                        )
-                    )
-        return handed
-
-    async def _claim(
-        self, tx: Transaction, op: Claim, handed: list[ClaimedRow]
-    ) -> list[ClaimedRow]:
-        """``handed`` (already written claimed), then the rest of the limit from the database."""
-        limit = self._claim_limit(op) - len(handed)
-        claimed = list(handed)
-        if limit > 0:
-            columns = self._claimed_columns()
-            claimed += await tx.claim(
-                op.namespace,
-                op.node_names,
-                limit,
-                columns["claimed_at"],
-                columns["lease_expires_at"],
-            )
+    async def _claim(self, tx: Transaction, op: Claim) -> list[ClaimedRow]:
+        limit = min(op.limit, self.ctx.settings.max_batch_size)
+        if limit <= 0 or not op.node_names:
+            return []
+        lease_until = self.now + self.ctx.settings.lease_seconds * 1000
+        claimed = await tx.claim(op.namespace, op.node_names, limit, self.now, lease_until)
         metrics = self.ctx.metrics.states_claimed
         for state in claimed:
             self.after_commit.append(
