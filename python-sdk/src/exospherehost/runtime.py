@@ -41,7 +41,15 @@ from typing import Any
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status, response_body
-from ._reporting import Abandoned, ClaimOffer, Report, Reporter, RuntimeStats, describe_exc
+from ._reporting import (
+    Abandoned,
+    ClaimOffer,
+    Report,
+    Reporter,
+    RuntimeStats,
+    describe_exc,
+    is_run_cancelled,
+)
 from .errors import ApiError, StateGoneError
 from .node import BaseNode, node_problems, normalize_outputs
 from .signals import PruneSignal, ReQueueAfterSignal
@@ -60,6 +68,7 @@ class _Claim:
     inputs: dict[str, Any]
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
     executing: bool = True  # holds a worker slot until its outcome is known
+    run_cancelled: bool = False  # a heartbeat found its run cancelled: nothing to report
 
     def settled(self) -> None:
         """The state's report is settled: the claim needs no more heartbeats."""
@@ -515,9 +524,9 @@ class Runtime:
             logger.error("ignoring a malformed claimed state: %r", raw)
             return
         self.stats.claimed += 1
-        if self._heartbeat_interval > 0 and self._heartbeat_supported:
-            claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
         task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
+        if self._heartbeat_interval > 0 and self._heartbeat_supported:
+            claim.heartbeat = asyncio.create_task(self._heartbeat(claim, task))
         self._running[task] = claim
         self._executing += 1
         task.add_done_callback(self._on_node_done)
@@ -535,6 +544,8 @@ class Runtime:
         try:
             report = await self._execute(claim)
         except asyncio.CancelledError:
+            if claim.run_cancelled:
+                return  # the run was cancelled: the server wants no report; the slot frees
             logger.warning(
                 "state %s (%s) cancelled at shutdown; reporting it as errored",
                 claim.state_id,
@@ -605,8 +616,9 @@ class Runtime:
         secrets = body.get("secrets") if isinstance(body, dict) else None
         return dict(secrets) if isinstance(secrets, dict) else {}
 
-    async def _heartbeat(self, state_id: str) -> None:
+    async def _heartbeat(self, claim: _Claim, task: asyncio.Task[None]) -> None:
         api = self._require_api()
+        state_id = claim.state_id
         path = api.url("state", state_id, "heartbeat")
         while True:
             await asyncio.sleep(self._heartbeat_interval)
@@ -619,7 +631,16 @@ class Runtime:
             if status == 200 or is_retryable_status(status):
                 continue
             body = response_body(response)
-            if status == 405 or (status == 404 and body == {"detail": "Not Found"}):
+            if is_run_cancelled(status, body):
+                logger.warning(
+                    "state %s (%s): its run was cancelled; stopping the node",
+                    state_id,
+                    claim.node_name,
+                )
+                self.stats.cancelled += 1
+                claim.run_cancelled = True
+                task.cancel()
+            elif status == 405 or (status == 404 and body == {"detail": "Not Found"}):
                 logger.info("the state manager has no heartbeat route; heartbeats disabled")
                 self._heartbeat_supported = False
             else:

@@ -734,6 +734,36 @@ async def run_show(session: Session, run_id: str, state_id: str | None) -> ExitC
     return ExitCode.OK
 
 
+@run.command(
+    "cancel",
+    epilog=example("exosphere run cancel RUN_ID", "exosphere run cancel RUN_ID -o json"),
+)
+@click.argument("run_id")
+@server_command
+async def run_cancel(session: Session, run_id: str) -> ExitCode:
+    """Cancel a run: its pending states never start, and the states being executed are
+    refused when their workers report them. Cancelling a cancelled run again succeeds
+    the same way; a finished run cannot be cancelled (exit 1, HTTP 409)."""
+    client = session.client()
+    answer = await client.cancel_run(run_id)
+    out = session.out
+    document: dict[str, Any] = {
+        "run_id": str(answer.get("run_id", run_id)),
+        "namespace": client.namespace,
+        "status": str(answer.get("status", "CANCELLED")),
+        "cancelled_at": answer.get("cancelled_at"),
+        "cancelled_states": answer.get("cancelled_states"),
+    }
+    if out.json_mode:
+        out.data(document)
+        return ExitCode.OK
+    out.line(
+        f"run {document['run_id']} {paint_status(str(document['status']))} "
+        f"({document['cancelled_states']} state(s) cancelled)"
+    )
+    return ExitCode.OK
+
+
 # --- states and nodes -------------------------------------------------------------------
 
 
