@@ -9,7 +9,8 @@ retryable statuses (5xx, 408, 425, 429) are retried with backoff. Any other 4xx 
 state is no longer this worker's (finished, unknown, or taken back after its lease
 expired): the report is dropped *and logged*. A 409 with code ``run_cancelled`` means
 the state's run was cancelled: the report is dropped and logged once as such. Only
-shutdown stops the retries, after its own deadline; every report given up then is logged at ERROR with its full body.
+shutdown stops the retries, after its own deadline; every report given up then is
+logged at ERROR with its full body.
 """
 
 from __future__ import annotations
