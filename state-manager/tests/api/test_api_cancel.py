@@ -10,12 +10,12 @@ worker logs it and moves on, and ``next`` is never created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -48,11 +48,8 @@ def running(database_url: str, tmp_path: Path) -> Iterator[RunningServer]:
         yield server
 
 
-async def _setup(server: RunningServer, tmp_path: Path, heartbeat_s: float) -> AsyncIterator[Setup]:
-    namespace = unique_namespace("cancel")
-    gates = tmp_path / "gates"
-    gates.mkdir()
-    log = tmp_path / "worker.log"
+@contextlib.contextmanager
+def _worker(server: RunningServer, namespace: str, log: Path, heartbeat_s: float) -> Iterator[None]:
     env = {
         "EXOSPHERE_STATE_MANAGER_URI": server.base_url,
         "EXOSPHERE_API_KEY": API_KEY,
@@ -66,35 +63,7 @@ async def _setup(server: RunningServer, tmp_path: Path, heartbeat_s: float) -> A
             stderr=subprocess.STDOUT,
         )
         try:
-            await wait_registered(server.base_url, API_KEY, namespace, 3)
-            async with httpx.AsyncClient(
-                base_url=server.base_url, headers=server.headers, timeout=30
-            ) as client:
-                api = Api(client, namespace)
-                r = await client.put(
-                    f"{api.base}/nodes/",
-                    json={"runtime_name": "nobody", "nodes": [node("Idle", ("gate",))]},
-                )
-                assert r.status_code == 200, r.text
-                ns = namespace
-                await api.create_graph(
-                    "g",
-                    {
-                        "nodes": [
-                            template_node("Start", "start", ns, {"gate": "${{ store.gate }}"},
-                                          ["hold", "idle"]),
-                            template_node("Hold", "hold", ns,
-                                          {"gate": "${{ start.outputs.gate }}"}, ["next"]),
-                            template_node("Idle", "idle", ns,
-                                          {"gate": "${{ start.outputs.gate }}"}),
-                            template_node("Next", "next", ns,
-                                          {"gate": "${{ hold.outputs.gate }}"}),
-                        ],
-                        "retry_policy": {"max_retries": 0},
-                        "store_config": {"required_keys": ["gate"]},
-                    },
-                )  # fmt: skip
-                yield Setup(api, server, gates, log)
+            yield
         finally:
             worker.terminate()
             try:
@@ -104,14 +73,59 @@ async def _setup(server: RunningServer, tmp_path: Path, heartbeat_s: float) -> A
                 worker.wait(timeout=30)
 
 
+@contextlib.asynccontextmanager
+async def _setup(server: RunningServer, tmp_path: Path, heartbeat_s: float) -> AsyncIterator[Setup]:
+    namespace = unique_namespace("cancel")
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    log = tmp_path / "worker.log"
+    with _worker(server, namespace, log, heartbeat_s):
+        await wait_registered(server.base_url, API_KEY, namespace, 3)
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=server.headers, timeout=30
+        ) as client:
+            api = Api(client, namespace)
+            r = await client.put(
+                f"{api.base}/nodes/",
+                json={"runtime_name": "nobody", "nodes": [node("Idle", ("gate",))]},
+            )
+            assert r.status_code == 200, r.text
+            ns = namespace
+            await api.create_graph(
+                "g",
+                {
+                    "nodes": [
+                        template_node("Start", "start", ns, {"gate": "${{ store.gate }}"},
+                                      ["hold", "idle"]),
+                        template_node("Hold", "hold", ns,
+                                      {"gate": "${{ start.outputs.gate }}"}, ["next"]),
+                        template_node("Idle", "idle", ns,
+                                      {"gate": "${{ start.outputs.gate }}"}),
+                        template_node("Next", "next", ns,
+                                      {"gate": "${{ hold.outputs.gate }}"}),
+                    ],
+                    "retry_policy": {"max_retries": 0},
+                    "store_config": {"required_keys": ["gate"]},
+                },
+            )  # fmt: skip
+            yield Setup(api, server, gates, log)
+
+
 async def _statuses(api: Api, run_id: str) -> dict[str, str]:
     view = await api.run_graph(run_id)
     return {n["identifier"]: n["status"] for n in view["nodes"]}
 
 
-async def _until(check: Any, what: str, limit_s: float = 20.0) -> None:
+async def _until(
+    check: Callable[[], Awaitable[bool] | bool], what: str, limit_s: float = 20.0
+) -> None:
     deadline = asyncio.get_running_loop().time() + limit_s
-    while not await check():
+    while True:
+        done = check()
+        if not isinstance(done, bool):
+            done = await done
+        if done:
+            return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
@@ -130,7 +144,7 @@ async def _start_held_run(setup: Setup) -> str:
     return run_id
 
 
-async def _logged(log: Path, text: str) -> bool:
+def _logged(log: Path, text: str) -> bool:
     return text in log.read_text(errors="replace")
 
 
@@ -141,7 +155,7 @@ async def _cancel(api: Api, run_id: str) -> httpx.Response:
 async def test_cancel_pending_and_executing_states_refuses_the_report(
     running: RunningServer, database_url: str, tmp_path: Path
 ) -> None:
-    async for setup in _setup(running, tmp_path, heartbeat_s=0):
+    async with _setup(running, tmp_path, heartbeat_s=0) as setup:
         api = setup.api
         run_id = await _start_held_run(setup)
 
@@ -207,7 +221,7 @@ async def test_cancel_pending_and_executing_states_refuses_the_report(
 async def test_cancel_stops_a_node_whose_heartbeat_is_refused(
     running: RunningServer, tmp_path: Path
 ) -> None:
-    async for setup in _setup(running, tmp_path, heartbeat_s=0.2):
+    async with _setup(running, tmp_path, heartbeat_s=0.2) as setup:
         run_id = await _start_held_run(setup)
         r = await _cancel(setup.api, run_id)
         assert r.status_code == 200, r.text

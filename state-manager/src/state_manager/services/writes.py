@@ -486,6 +486,7 @@ class _Batch:
                 groups={},
                 now=self.now,
                 enqueue_after=self.now + run.start_delay,
+                timeout_ms=graph.timeout_ms(graph.root.identifier),
             )
         )
         self.ctx.graphs.remember_runs({run_id: version_id})
