@@ -390,6 +390,7 @@ async def apply_one(
             retry_policy=graph_.retry_policy,
             store_config=graph_.store_config,
             triggers=graph_.triggers,
+            timeout=graph_.timeout,
             validation_timeout=timeout_s,
             polling_interval=VALIDATION_POLL_INTERVAL,
         )
