@@ -62,6 +62,7 @@ def test_production_defaults() -> None:
         ({"TRIGGER_RETENTION_HOURS": "0"}, "at least 1"),
         ({"DASHBOARD_SESSION_HOURS": "0"}, "DASHBOARD_SESSION_HOURS must be at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"LEASE_CHECK_MS": "5"}, "LEASE_CHECK_MS must be at least 10"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], message: str) -> None:
@@ -78,3 +79,5 @@ def test_numeric_settings_are_read() -> None:
     )
     assert production().dashboard_session_hours == 12
     assert production(DASHBOARD_SESSION_HOURS="2").dashboard_session_hours == 2
+    assert production().lease_check_ms == 5000
+    assert production(LEASE_CHECK_MS="100").lease_check_ms == 100
