@@ -21,7 +21,6 @@ from state_manager.services.ops import (
     Heartbeat,
     Pruned,
     Requeued,
-    RunRequest,
     StateOp,
 )
 from state_manager.store.queries import ClaimedRow, GraphStateRow, TemplateRow
@@ -146,12 +145,37 @@ async def list_graphs(namespace_name: Namespace, ctx: ContextDep) -> schemas.Lis
     )
 
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=runs.IDEMPOTENCY_KEY_MAX_LENGTH,
+        description=(
+            "Extension: a retry with the same key (per namespace, within "
+            "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS) answers the first run's id and starts "
+            "nothing; the same key with another graph or body is a 409."
+        ),
+    ),
+]
+
+
 @ns.post("/graph/{graph_name}/trigger", tags=["runs"])
 async def trigger_graph(
-    namespace_name: Namespace, graph_name: GraphName, body: schemas.TriggerRequest, ctx: ContextDep
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    body: schemas.TriggerRequest,
+    ctx: ContextDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> schemas.TriggerResponse:
     run_id = await runs.trigger(
-        ctx, namespace_name, graph_name, body.store, body.inputs, body.start_delay
+        ctx,
+        namespace_name,
+        graph_name,
+        body.store,
+        body.inputs,
+        body.start_delay,
+        idempotency_key=idempotency_key,
     )
     return schemas.TriggerResponse(run_id=run_id)
 
@@ -173,7 +197,12 @@ async def start_runs(
         ctx,
         namespace_name,
         graph_name,
-        [RunRequest(run.store, run.inputs, run.start_delay) for run in body.runs],
+        [
+            runs.run_request(
+                graph_name, run.store, run.inputs, run.start_delay, run.idempotency_key
+            )
+            for run in body.runs
+        ],
     )
     return schemas.StartRunsResponse(run_ids=run_ids)
 

@@ -356,11 +356,11 @@ class Database:
                 return await asyncio.to_thread(_migrate, connection, dialect)
 
     async def check_migrated(self) -> None:
-        """Raise :class:`DatabaseNotMigrated` unless the schema is at the latest version."""
-        current = await self.current_version()
-        latest = self.latest_version()
-        if current < latest:
-            raise DatabaseNotMigrated(current=current, latest=latest)
+        """Raise :class:`DatabaseNotMigrated` unless every shipped migration was applied
+        (versions need not be contiguous: one added below the newest applied still counts)."""
+        applied = await self.run_sync(_applied_versions)
+        if any(version not in applied for version, _ in migration_files(self.dialect)):
+            raise DatabaseNotMigrated(current=max(applied, default=0), latest=self.latest_version())
 
     # -- notifications ----------------------------------------------------------------
 
@@ -472,6 +472,14 @@ def _current_version(connection: Connection) -> int:
     value = connection.scalar(sa.select(sa.func.max(schema_migrations.c.version)))
     connection.rollback()
     return int(value or 0)
+
+
+def _applied_versions(connection: Connection) -> set[int]:
+    if not sa.inspect(connection).has_table("schema_migrations"):
+        return set()
+    versions = set(connection.scalars(sa.select(schema_migrations.c.version)))
+    connection.rollback()
+    return versions
 
 
 def _migrate(connection: Connection, dialect: str) -> list[int]:
