@@ -66,12 +66,20 @@ class _Claim:
     state_id: str
     node_name: str
     inputs: dict[str, Any]
+    # Heartbeats: a timer first, and a task only for a state still unsettled when it fires.
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
     executing: bool = True  # holds a worker slot until its outcome is known
+    done: bool = False  # the report is settled
     run_cancelled: bool = False  # a heartbeat found its run cancelled: nothing to report
+    task: asyncio.Task[None] | None = field(default=None, repr=False)  # running the node
 
     def settled(self) -> None:
         """The state's report is settled: the claim needs no more heartbeats."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.heartbeat is not None:
             self.heartbeat.cancel()
 
@@ -524,9 +532,13 @@ class Runtime:
             logger.error("ignoring a malformed claimed state: %r", raw)
             return
         self.stats.claimed += 1
-        task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
         if self._heartbeat_interval > 0 and self._heartbeat_supported:
-            claim.heartbeat = asyncio.create_task(self._heartbeat(claim, task))
+            # A timer costs far less than a task; most states finish before it fires.
+            claim.timer = asyncio.get_running_loop().call_later(
+                self._heartbeat_interval, self._start_heartbeat, claim
+            )
+        task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
+        claim.task = task
         self._running[task] = claim
         self._executing += 1
         task.add_done_callback(self._on_node_done)
@@ -545,7 +557,8 @@ class Runtime:
             report = await self._execute(claim)
         except asyncio.CancelledError:
             if claim.run_cancelled:
-                return  # the run was cancelled: the server wants no report; the slot frees
+                claim.settled()  # the run was cancelled: no report; the slot frees
+                return
             logger.warning(
                 "state %s (%s) cancelled at shutdown; reporting it as errored",
                 claim.state_id,
@@ -616,30 +629,44 @@ class Runtime:
         secrets = body.get("secrets") if isinstance(body, dict) else None
         return dict(secrets) if isinstance(secrets, dict) else {}
 
-    async def _heartbeat(self, claim: _Claim, task: asyncio.Task[None]) -> None:
+    def _start_heartbeat(self, claim: _Claim) -> None:
+        """The first heartbeat interval of ``claim`` passed: heartbeat from now on while
+        its report is unsettled (it may still be running, or its report in flight)."""
+        claim.timer = None
+        if claim.done or not self._heartbeat_supported:
+            return
+        claim.heartbeat = asyncio.create_task(self._heartbeat(claim))
+
+    async def _heartbeat(self, claim: _Claim) -> None:
+        """Send a heartbeat now, then one every interval, until cancelled or refused. A
+        refusal because the run was cancelled stops the node (nothing will be reported)."""
         api = self._require_api()
         state_id = claim.state_id
         path = api.url("state", state_id, "heartbeat")
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
             try:
                 response = await api.send("POST", path, json={})
             except httpx.RequestError as exc:
                 logger.debug("heartbeat of %s failed: %s", state_id, describe_exc(exc))
+                await asyncio.sleep(self._heartbeat_interval)
                 continue
             status = response.status_code
             if status == 200 or is_retryable_status(status):
+                await asyncio.sleep(self._heartbeat_interval)
                 continue
             body = response_body(response)
             if is_run_cancelled(status, body):
-                logger.warning(
-                    "state %s (%s): its run was cancelled; stopping the node",
-                    state_id,
-                    claim.node_name,
-                )
-                self.stats.cancelled += 1
-                claim.run_cancelled = True
-                task.cancel()
+                task = claim.task
+                if task is not None and not task.done() and claim.executing:
+                    logger.warning(
+                        "state %s (%s): its run was cancelled; stopping the node",
+                        state_id,
+                        claim.node_name,
+                    )
+                    self.stats.cancelled += 1
+                    claim.run_cancelled = True
+                    task.cancel()
+                # (else the node has finished: its report is refused and counted then)
             elif status == 405 or (status == 404 and body == {"detail": "Not Found"}):
                 logger.info("the state manager has no heartbeat route; heartbeats disabled")
                 self._heartbeat_supported = False
