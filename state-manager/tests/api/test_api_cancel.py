@@ -262,3 +262,43 @@ async def test_cancel_finished_unknown_and_foreign_runs(client: httpx.AsyncClien
     r = await _cancel(api, pending)
     assert (r.status_code, r.json()["cancelled_states"]) == (200, 1)
     assert await api.claim("A") == []
+
+
+async def test_no_join_or_retry_starts_in_a_cancelled_run(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    api = Api(client, unique_namespace("cancel"))
+    ns = api.ns
+    await api.register(node("A", outputs=("x",)), node("B", inputs=("x",)), node("J"))
+    await api.create_graph(
+        "join",
+        {
+            "nodes": [
+                template_node("A", "a", ns, {}, ["b"]),
+                template_node("B", "b", ns, {"x": "${{ a.outputs.x }}"}),
+                template_node("J", "j", ns, unites={"identifier": "a", "strategy": "ALL_DONE"}),
+            ],
+            "retry_policy": {"max_retries": 1, "strategy": "FIXED", "backoff_factor": 1},
+        },
+    )
+    run_id = await api.trigger("join")
+    await api.executed((await api.claim_one("A"))["state_id"], *({"x": str(i)} for i in range(3)))
+    first, second, third = await api.claim("B")
+    await api.executed(first["state_id"])
+    assert (await api.errored(second["state_id"]))["retry_created"] is True
+    r = await _cancel(api, run_id)
+    assert (r.status_code, r.json()["cancelled_states"]) == (200, 2)  # third, and the retry
+    # The last branch ends: ALL_DONE would now start the join, were the run not cancelled.
+    refused = await api.post_state(third["state_id"], "errored", {"error": "late"})
+    assert (refused.status_code, refused.json()["code"]) == (409, "run_cancelled")
+    assert await api.claim("B", "J") == []
+    states = await read_states(database_url, ns, run_id)
+    assert sorted((s.identifier, s.retry_count, s.status) for s in states) == [
+        ("a", 0, "SUCCESS"),
+        ("a", 0, "SUCCESS"),
+        ("a", 0, "SUCCESS"),
+        ("b", 0, "CANCELLED"),
+        ("b", 0, "RETRY_CREATED"),
+        ("b", 0, "SUCCESS"),
+        ("b", 1, "CANCELLED"),
+    ]
