@@ -121,7 +121,7 @@ _RUNS_CANCELLED = (
     .where(runs.c.run_id.in_(_ids()))
     .with_for_update(read=True, key_share=True)
 )
-_PENDING = (StateStatus.CREATED.value, StateStatus.QUEUED.value, StateStatus.EXECUTED.value)
+_PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
 _INSERT_STORES = store_entries.insert()
 _CREATE_GROUPS = fanin_groups.insert()
 _ADJUST_GROUP = (
