@@ -286,6 +286,24 @@ class Transaction(abc.ABC):
     async def delete_expired_trigger_keys(self, now: int, limit: int) -> int:
         """Delete up to ``limit`` keys whose ``expires_at`` has passed."""
 
+    # -- cancellation -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """Which of these runs are cancelled. Called after :meth:`lock_states` by every
+        change to a run's states: a cancellation committing meanwhile either waits for
+        this transaction or makes it see the run cancelled."""
+
+    @abc.abstractmethod
+    async def lock_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run ``run_id``, excluding other cancellers of it until the transaction
+        ends (and waiting for changes in flight on its states)."""
+
+    @abc.abstractmethod
+    async def cancel_run(self, run_id: str, now: int) -> int:
+        """Mark the run cancelled and its pending states CANCELLED. Returns how many
+        states were cancelled."""
+
     # -- retention --------------------------------------------------------------------
 
     @abc.abstractmethod

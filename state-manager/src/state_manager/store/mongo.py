@@ -183,6 +183,11 @@ async def _create_indexes(store: MongoStore) -> None:
     await _create(store, _indexes())
 
 
+async def _cancel_timeouts(store: MongoStore) -> None:
+    """Schema version 2 (as SQL migration 0002): runs may carry ``cancelled_at`` and states
+    ``timeout_ms``; documents without them read as null, so there is nothing to create."""
+
+
 async def _create_idempotency_retention(store: MongoStore) -> None:
     await _create(store, _idempotency_retention_indexes())
 
@@ -191,6 +196,7 @@ async def _create_idempotency_retention(store: MongoStore) -> None:
 # the SQL migrations of the same feature, so a number may be missing for a while.
 MIGRATIONS: list[tuple[int, Callable[[MongoStore], Awaitable[None]]]] = [
     (1, _create_indexes),
+    (2, _cancel_timeouts),
     (3, _create_idempotency_retention),
 ]
 

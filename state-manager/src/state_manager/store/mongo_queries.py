@@ -62,7 +62,7 @@ Doc = dict[str, Any]
 
 # How long lock_states keeps starting its transaction again while another holds a state.
 LOCK_WAIT_SECONDS = 30.0
-_PENDING = [StateStatus.CREATED.value, StateStatus.QUEUED.value, StateStatus.EXECUTED.value]
+_PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
 
 
 def _json_columns(table: sa.Table) -> frozenset[str]:
@@ -823,6 +823,52 @@ class MongoTx(Transaction):
             {"_id": {"$in": [d["_id"] for d in docs]}}, session=self.session
         )
         return int(result.deleted_count)
+
+    # -- cancellation -----------------------------------------------------------------
+
+    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """A cancellation writes every state of its run (:meth:`cancel_run`) and every
+        change to a run's states first writes one of them (:meth:`lock_states`), so the
+        two conflict: the later one runs again and sees what the first did."""
+        ids = sorted(set(run_ids))
+        if not ids:
+            return set()
+        docs = await self._find(
+            self.runs, {"_id": {"$in": ids}, "cancelled_at": {"$ne": None}}, projection={"_id": 1}
+        )
+        return {d["_id"] for d in docs}
+
+    async def lock_run(self, run_id: str) -> dict[str, Any] | None:
+        self.used = True
+        await self.runs.update_one({"_id": run_id}, {"$inc": {"lock": 1}}, session=self.session)
+        doc = await self._one(self.runs, {"_id": run_id})
+        return RUNS.decode(doc) if doc else None
+
+    async def cancel_run(self, run_id: str, now: int) -> int:
+        """Unlike PostgreSQL (which skips states locked by a report in flight), this
+        writes every state of the run, pending or not: a report, retry or lease expiry in
+        flight on any of them conflicts, and whichever commits second runs again."""
+        self.used = True
+        await self.runs.update_one(
+            {"_id": run_id, "cancelled_at": None},
+            {"$set": {"cancelled_at": now}},
+            session=self.session,
+        )
+        await self.states.update_many(
+            {"run_id": run_id}, {"$inc": {"lock": 1}}, session=self.session
+        )
+        result = await self.states.update_many(
+            {"run_id": run_id, "status": {"$in": _PENDING}},
+            {
+                "$set": {
+                    "status": StateStatus.CANCELLED.value,
+                    "lease_expires_at": None,
+                    "updated_at": now,
+                }
+            },
+            session=self.session,
+        )
+        return int(result.modified_count)
 
     # -- retention ------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ class StateCore:
     claimed_at: int | None
     created_at: int
     updated_at: int
+    timeout_ms: int | None
 
     @classmethod
     def columns(cls) -> list[sa.Column[Any]]:
@@ -79,6 +80,7 @@ class ClaimedRow:
     inputs: dict[str, Any]
     enqueue_after: int
     created_at: int
+    timeout_ms: int | None
 
     @classmethod
     def columns(cls) -> list[sa.Column[Any]]:
