@@ -177,3 +177,22 @@ async def test_errors_of_the_commit_message_are_mapped_like_any_statement(ctx: C
             await _send(connection, "COMMIT; BEGIN")
         assert unavailable(lost.value) is not None
         await connection.invalidate()
+
+
+async def test_the_kept_connection_waits_holding_no_snapshot_and_no_xid(ctx: Context) -> None:
+    """Between batches the committer's connection is inside a just-begun transaction; it
+    must hold back nothing (vacuum, CREATE INDEX CONCURRENTLY wait on xmin and xids)."""
+    await _chain(ctx)
+    await runs.trigger(ctx, "ns", "g", {}, {}, 0)
+    kept = await ctx.db.batch_driver_connection()
+    pid = kept.get_server_pid()
+    engine = ctx.db.engine
+    assert isinstance(engine, AsyncEngine)
+    async with engine.connect() as other:
+        row = (
+            await other.exec_driver_sql(
+                "SELECT state, backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = $1",
+                (pid,),
+            )
+        ).one()
+    assert tuple(row) == ("idle in transaction", None, None)
