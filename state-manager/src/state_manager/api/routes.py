@@ -7,10 +7,12 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, Security, status
+from fastapi.security import APIKeyHeader
 
 from state_manager.api import schemas
 from state_manager.api.middleware import INTERNAL_ERROR
+from state_manager.api.openapi import errors
 from state_manager.domain.models import NAME_MAX_LENGTH, GraphSpec, StateStatus
 from state_manager.errors import InvalidRequest, StateManagerError
 from state_manager.services import graphs, runs, states
@@ -40,10 +42,24 @@ Namespace = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 GraphName = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 RunId = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 MAX_PAGE = 1_000_000_000
+# Bounds the handlers check themselves (answering 400, as the v0 API does), in the schema.
+Page = Annotated[int, Path(json_schema_extra={"minimum": 1, "maximum": MAX_PAGE})]
+PageSize = Annotated[
+    int, Path(json_schema_extra={"minimum": 1}, description="At most MAX_PAGE_SIZE.")
+]
+NodeId = Annotated[
+    str, Path(json_schema_extra={"pattern": "^[0-9a-fA-F]{24}$"}, description="A state id.")
+]
+
+api_key_header = APIKeyHeader(
+    name="x-api-key",
+    auto_error=False,
+    description="Equal to the server's STATE_MANAGER_SECRET.",
+)
 
 
 async def require_api_key(
-    request: Request, x_api_key: Annotated[str | None, Header()] = None
+    request: Request, x_api_key: Annotated[str | None, Security(api_key_header)]
 ) -> None:
     """Every /v0 route needs ``x-api-key`` equal to ``STATE_MANAGER_SECRET`` (constant time)."""
     expected: str = request.app.state.context.settings.state_manager_secret
@@ -53,8 +69,14 @@ async def require_api_key(
         raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail="Invalid API key")
 
 
-v0 = APIRouter(prefix="/v0", dependencies=[Depends(require_api_key)])
+# Every /v0 route can answer these; routes add theirs (404, 409) with ``errors``.
+v0 = APIRouter(
+    prefix="/v0",
+    dependencies=[Depends(require_api_key)],
+    responses=errors(400, 401, 413, 500, 503),
+)
 ns = APIRouter(prefix="/namespace/{namespace_name}")
+NOT_FOUND = errors(404)
 
 
 # -- nodes and namespaces ---------------------------------------------------------
@@ -125,7 +147,7 @@ async def upsert_graph(
     return schemas.GraphResponse(**_graph_fields(template))
 
 
-@ns.get("/graph/{graph_name}", tags=["graphs"])
+@ns.get("/graph/{graph_name}", tags=["graphs"], responses=NOT_FOUND)
 async def get_graph(
     namespace_name: Namespace, graph_name: GraphName, ctx: ContextDep
 ) -> schemas.GraphResponse:
@@ -144,7 +166,7 @@ async def list_graphs(namespace_name: Namespace, ctx: ContextDep) -> schemas.Lis
     )
 
 
-@ns.post("/graph/{graph_name}/trigger", tags=["runs"])
+@ns.post("/graph/{graph_name}/trigger", tags=["runs"], responses=NOT_FOUND)
 async def trigger_graph(
     namespace_name: Namespace, graph_name: GraphName, body: schemas.TriggerRequest, ctx: ContextDep
 ) -> schemas.TriggerResponse:
@@ -154,7 +176,7 @@ async def trigger_graph(
     return schemas.TriggerResponse(run_id=run_id)
 
 
-@ns.post("/graph/{graph_name}/runs", tags=["runs"])
+@ns.post("/graph/{graph_name}/runs", tags=["runs"], responses=NOT_FOUND)
 async def start_runs(
     namespace_name: Namespace,
     graph_name: GraphName,
@@ -289,7 +311,7 @@ def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
     return {"state_id": report.state_id, "status_code": status, "body": body, "detail": detail}
 
 
-@ns.post("/state/{state_id}/executed", tags=["states"])
+@ns.post("/state/{state_id}/executed", tags=["states"], responses=NOT_FOUND)
 async def executed_state(
     namespace_name: Namespace, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
 ) -> schemas.ExecutedResponse:
@@ -297,7 +319,7 @@ async def executed_state(
     return schemas.ExecutedResponse()
 
 
-@ns.post("/state/{state_id}/errored", tags=["states"])
+@ns.post("/state/{state_id}/errored", tags=["states"], responses=NOT_FOUND)
 async def errored_state(
     namespace_name: Namespace, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
 ) -> schemas.ErroredResponse:
@@ -305,7 +327,7 @@ async def errored_state(
     return schemas.ErroredResponse(status=result.status, retry_created=result.retry_created)
 
 
-@ns.post("/state/{state_id}/prune", tags=["states"])
+@ns.post("/state/{state_id}/prune", tags=["states"], responses=NOT_FOUND)
 async def prune_state(
     namespace_name: Namespace, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
 ) -> schemas.PruneResponse:
@@ -313,7 +335,7 @@ async def prune_state(
     return schemas.PruneResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"])
+@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"], responses=NOT_FOUND)
 async def re_enqueue_after(
     namespace_name: Namespace, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
 ) -> schemas.ReEnqueueAfterResponse:
@@ -321,7 +343,7 @@ async def re_enqueue_after(
     return schemas.ReEnqueueAfterResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/manual-retry", tags=["states"])
+@ns.post("/state/{state_id}/manual-retry", tags=["states"], responses=errors(404, 409))
 async def manual_retry(
     namespace_name: Namespace, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
 ) -> schemas.ManualRetryResponse:
@@ -329,7 +351,7 @@ async def manual_retry(
     return schemas.ManualRetryResponse(id=new_id)
 
 
-@ns.post("/state/{state_id}/heartbeat", tags=["states"])
+@ns.post("/state/{state_id}/heartbeat", tags=["states"], responses=NOT_FOUND)
 async def heartbeat(
     namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.HeartbeatResponse:
@@ -337,7 +359,7 @@ async def heartbeat(
     return schemas.HeartbeatResponse(lease_expires_at=until)
 
 
-@ns.get("/state/{state_id}/secrets", tags=["states"])
+@ns.get("/state/{state_id}/secrets", tags=["states"], responses=NOT_FOUND)
 async def get_secrets(
     namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.SecretsResponse:
@@ -349,7 +371,7 @@ async def get_secrets(
 
 @ns.get("/runs/{page}/{size}", tags=["runs"])
 async def list_runs(
-    namespace_name: Namespace, page: int, size: int, ctx: ContextDep
+    namespace_name: Namespace, page: Page, size: PageSize, ctx: ContextDep
 ) -> schemas.RunsResponse:
     if not 1 <= page <= MAX_PAGE:
         raise InvalidRequest(f"page must be between 1 and {MAX_PAGE}")
@@ -379,7 +401,7 @@ def _run_fields(summary: runs.RunSummary) -> dict[str, Any]:
     }
 
 
-@ns.get("/run/{run_id}", tags=["runs"])
+@ns.get("/run/{run_id}", tags=["runs"], responses=NOT_FOUND)
 async def run_summary(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep
 ) -> schemas.RunSummaryResponse:
@@ -425,9 +447,13 @@ async def run_graph(
     )
 
 
-@ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"])
+@ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"], responses=NOT_FOUND)
 async def node_run_details(
-    namespace_name: Namespace, graph_name: GraphName, run_id: RunId, node_id: str, ctx: ContextDep
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    run_id: RunId,
+    node_id: NodeId,
+    ctx: ContextDep,
 ) -> schemas.NodeRunDetails:
     state = await runs.node_details(ctx, namespace_name, graph_name, run_id, node_id)
     return schemas.NodeRunDetails(

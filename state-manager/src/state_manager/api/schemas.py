@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from state_manager.domain.models import (
     MAX_DELAY_MS,
+    JsonInt,
     Name,
     NodeTemplate,
     RetryPolicy,
@@ -76,7 +77,8 @@ class NamespacesResponse(BaseModel):
 
 class UpsertGraphRequest(Body):
     secrets: dict[Name, str]
-    nodes: list[NodeTemplate]
+    # An empty graph has no root: refused with 400 as a template rule (contract 4.3).
+    nodes: list[NodeTemplate] = Field(json_schema_extra={"minItems": 1})
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     store_config: StoreConfig = Field(default_factory=StoreConfig)
     triggers: list[Trigger] = Field(default_factory=list)
@@ -114,7 +116,7 @@ class ListGraphsResponse(BaseModel):
 class TriggerRequest(Body):
     store: dict[Name, str] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
-    start_delay: int = Field(default=0, ge=0, le=MAX_DELAY_MS)
+    start_delay: JsonInt = Field(default=0, ge=0, le=MAX_DELAY_MS)
 
 
 class TriggerResponse(BaseModel):
@@ -206,11 +208,15 @@ class NodeRunDetails(BaseModel):
 
 class EnqueueRequest(Body):
     nodes: list[Name]
-    batch_size: int
-    wait_ms: int = Field(
+    batch_size: JsonInt = Field(
+        description="Most states to claim. Any integer: 0 or less claims nothing; more "
+        "than MAX_BATCH_SIZE claims at most MAX_BATCH_SIZE (a cap, not a limit)."
+    )
+    wait_ms: JsonInt = Field(
         default=0,
         ge=0,
-        description="Extension: hold the request up to this long until work is claimable.",
+        description="Extension: hold the request up to this long (ms) until work is "
+        "claimable. Longer waits are served at MAX_WAIT_MS (a cap, not a limit).",
     )
 
 
@@ -256,7 +262,7 @@ class PruneResponse(BaseModel):
 
 
 class ReEnqueueAfterRequest(Body):
-    enqueue_after: int = Field(
+    enqueue_after: JsonInt = Field(
         gt=0, le=MAX_DELAY_MS, description="Delay in milliseconds, relative to now."
     )
 
