@@ -8,7 +8,6 @@ any failure or error. ``EXOSPHERE_SCHEMATHESIS_EXAMPLES`` sets the examples per 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,24 +23,13 @@ SEED = os.environ.get("EXOSPHERE_SCHEMATHESIS_SEED", "20261203")
 MAX_WAIT_MS = 500
 
 
-def summary(events: Path) -> dict[str, object]:
-    """Counts from the NDJSON event stream: operations, test cases, failures, errors."""
-    operations: set[str] = set()
-    cases = failures = errors = 0
-    for line in events.read_text().splitlines():
-        event = json.loads(line)
-        for kind, body in event.items():
-            if kind == "ScenarioFinished":
-                recorder = body.get("recorder", {})
-                cases += len(recorder.get("cases", {}))
-                label = recorder.get("label", "")
-                if label:
-                    operations.add(label)
-                for checks in recorder.get("checks", {}).values():
-                    failures += sum(1 for check in checks if check.get("status") == "FAILURE")
-            elif kind == "NonFatalError":
-                errors += 1
-    return {"operations": len(operations), "cases": cases, "failures": failures, "errors": errors}
+def summary(output: str) -> str:
+    """The CLI's own figures: operations tested, test cases, and the closing line."""
+    lines = [line.strip() for line in output.splitlines()]
+    picked = [line for line in lines if line.startswith("Tested:")]
+    picked += [line for line in lines if " generated, " in line]
+    picked += [line.strip("= ") for line in lines[-3:] if line.startswith("=")]
+    return "; ".join(picked)
 
 
 @pytest.mark.slow
@@ -50,7 +38,6 @@ def test_schemathesis_finds_nothing(backend: str, tmp_path: Path) -> None:
     with make_database(backend, tmp_path) as database:
         settings = test_settings(database.url, tmp_path / "data", max_wait_ms=MAX_WAIT_MS)
         with serve(settings) as server:
-            events = tmp_path / "events.ndjson"
             command = [
                 sys.executable, "-m", "schemathesis.cli",
                 "--config-file", str(CONFIG),
@@ -60,7 +47,6 @@ def test_schemathesis_finds_nothing(backend: str, tmp_path: Path) -> None:
                 "--max-examples", str(EXAMPLES),
                 "--workers", "2",
                 "--request-timeout", "10",
-                "--report", "ndjson", "--report-ndjson-path", str(events),
                 "--no-color",
             ]  # fmt: skip
             if SEED != "random":
@@ -74,8 +60,6 @@ def test_schemathesis_finds_nothing(backend: str, tmp_path: Path) -> None:
                 stdin=subprocess.DEVNULL,
                 timeout=1700,
             )
-    counts = summary(events) if events.exists() else {}
-    print(f"schemathesis on {backend}: {counts}")
-    tail = "\n".join(result.stdout.splitlines()[-40:])
+    print(f"schemathesis on {backend}: {summary(result.stdout)}")
     assert result.returncode == 0, f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert "0 failures" in tail or " passed" in tail, tail
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-3000:]

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 RESERVED_IDENTIFIER = "store"
 # Names end up in indexed columns; PostgreSQL cannot index arbitrarily long text.
@@ -35,7 +36,7 @@ _SPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u
 NUL_FREE_PATTERN = r"^[^\u0000]*$"
 NON_BLANK_PATTERN = rf"^[^\u0000]*[^\u0000{_SPACE}][^\u0000]*$"
 STORE_KEY_PATTERN = rf"^[^\u0000.]*[^\u0000.{_SPACE}][^\u0000.]*$"
-_NON_BLANK = {"pattern": NON_BLANK_PATTERN}
+_NON_BLANK: JsonDict = {"pattern": NON_BLANK_PATTERN}
 
 
 def _json_integer(value: Any) -> Any:
