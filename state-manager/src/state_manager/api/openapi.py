@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from state_manager.domain.models import NUL_FREE_PATTERN
 from state_manager.settings import Settings
@@ -24,6 +24,9 @@ class ErrorResponse(BaseModel):
     """The body of every error answer except 422 (which lists the invalid fields)."""
 
     detail: str
+    code: str | None = Field(
+        default=None, description="A stable name of the refusal, where it has one."
+    )
 
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
