@@ -77,6 +77,7 @@ class Call:
     body: Any
     user_agent: str = ""
     status: int | None = None  # None when the fake raised a transport error
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -145,7 +146,13 @@ class FakeStateManager:
         method = request.method
         path = request.url.path
         body = json.loads(request.content) if request.content else None
-        call = Call(method, path, body, request.headers.get("user-agent", ""))
+        call = Call(
+            method,
+            path,
+            body,
+            request.headers.get("user-agent", ""),
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
         self.calls.append(call)
         if request.headers.get("x-api-key") != self.key:
             call.status = 401

@@ -133,6 +133,7 @@ async def test_trigger_many_starts_runs_in_chunks(
         assert refused.value.status_code == 400
         assert "Run 8" in refused.value.detail
         run_ids = await sm.trigger_many("g", runs[:7], chunk_size=3)
+
     assert len(set(run_ids)) == 7
     claimed = await api.post(f"{base}/states/enqueue", json={"nodes": ["Greet"], "batch_size": 100})
     assert sorted(s["inputs"]["name"] for s in claimed.json()["states"]) == [
@@ -141,3 +142,16 @@ async def test_trigger_many_starts_runs_in_chunks(
     for run_id in run_ids:
         summary = await api.get(f"{base}/run/{run_id}")
         assert summary.json()["total_count"] == 1
+
+    async with StateManager(namespace, sm_server.base_url, sm_server.key) as sm:
+        # Idempotency keys: the same key answers the first run; another body is a 409.
+        first = await sm.trigger("g", store={"who": "k"}, idempotency_key="sdk-1")
+        again = await sm.trigger("g", store={"who": "k"}, idempotency_key="sdk-1")
+        assert again == first
+        with pytest.raises(ApiError) as conflict:
+            await sm.trigger("g", store={"who": "else"}, idempotency_key="sdk-1")
+        assert conflict.value.status_code == 409
+        keyed = [{"store": {"who": "k"}, "idempotency_key": "sdk-1"}, {"store": {"who": "m"}}]
+        many = await sm.trigger_many("g", [*keyed, {"store": {"who": "n"}, "idempotency_key": "x"}])
+        assert many[0] == first["run_id"] and len(set(many)) == 3
+        assert (await sm.trigger_many("g", [keyed[0]]))[0] == first["run_id"]

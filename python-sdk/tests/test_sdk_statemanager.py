@@ -119,6 +119,28 @@ async def test_trigger_body_and_no_retry_after_the_request_was_sent(
     assert (await sm.trigger("g"))["status"] == "CREATED"
 
 
+async def test_a_trigger_with_an_idempotency_key_is_retried_with_that_key(
+    fake: FakeStateManager, sm: StateManager
+) -> None:
+    fake.graphs["g"] = {"validation_status": "VALID"}
+    fake.fail("POST", r"/trigger$", "lose_answer")  # reached the server, answer lost
+    fake.fail("POST", r"/trigger$", "status", status=503)
+    result = await sm.trigger("g", store={"k": "v"}, idempotency_key="order-7")
+    assert result["status"] == "CREATED"
+    calls = fake.calls_to("POST", r"/graph/g/trigger$")
+    assert len(calls) == 3
+    assert {call.idempotency_key for call in calls} == {"order-7"}
+    assert {str(call.body) for call in calls} == {str(calls[0].body)}
+
+    # trigger_many: per-run keys in the bulk body, and in the header of the fallback.
+    run_ids = await sm.trigger_many("g", [{"idempotency_key": "a"}, {"store": {"k": "v"}}])
+    assert len(run_ids) == 2
+    [bulk] = fake.calls_to("POST", r"/graph/g/runs$")
+    assert [run.get("idempotency_key") for run in bulk.body["runs"]] == ["a", None]
+    fallback = fake.calls_to("POST", r"/graph/g/trigger$")[3:]
+    assert [call.idempotency_key for call in fallback] == ["a", None]
+
+
 async def test_reads_are_retried_on_server_errors(fake: FakeStateManager, sm: StateManager) -> None:
     fake.graphs["g"] = {"validation_status": "VALID", "validation_errors": []}
     fake.fail("GET", r"/graph/g$", "status", status=503, times=2)

@@ -9,6 +9,7 @@ JSON bodies and decides which failures are worth retrying.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -99,12 +100,13 @@ class ApiClient:
         *,
         json: Any = None,
         request_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """Send one request; network failures raise ``httpx.RequestError``."""
         if request_timeout is None:
-            return await self.client.request(method, path, json=json)
+            return await self.client.request(method, path, json=json, headers=headers)
         timeout = httpx.Timeout(request_timeout, connect=min(request_timeout, 10.0))
-        return await self.client.request(method, path, json=json, timeout=timeout)
+        return await self.client.request(method, path, json=json, timeout=timeout, headers=headers)
 
     async def call(
         self,
@@ -114,9 +116,12 @@ class ApiClient:
         json: Any = None,
         ok: tuple[int, ...] = (200,),
         request_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Send one request and return its JSON body; raise :class:`ApiError` unless ``ok``."""
-        response = await self.send(method, path, json=json, request_timeout=request_timeout)
+        response = await self.send(
+            method, path, json=json, request_timeout=request_timeout, headers=headers
+        )
         body = response_body(response)
         if response.status_code not in ok:
             raise ApiError(method, path, response.status_code, body)

@@ -6,7 +6,9 @@ with ``await sm.aclose()`` or use it as ``async with StateManager(...) as sm``.
 
 Reads and idempotent writes (``get_graph``, ``upsert_graph``, run views) are retried on
 network errors and 5xx answers. ``trigger`` and ``retry_state`` are not retried once the
-request may have reached the server, since that could start a run twice.
+request may have reached the server, since that could start a run twice, except a
+``trigger`` given an ``idempotency_key``: every attempt sends the same key, so the server
+starts the run once.
 """
 
 from __future__ import annotations
@@ -180,17 +182,28 @@ class StateManager:
         inputs: dict[str, str] | None = None,
         store: dict[str, str] | None = None,
         start_delay: int = 0,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Start a run of ``graph_name``; returns ``{"status": "CREATED", "run_id": ...}``.
 
         ``store`` fills the run's key/value store, ``inputs`` overrides root inputs and
         ``start_delay`` (ms) delays the root state.
+
+        ``idempotency_key`` (sent as the ``Idempotency-Key`` header): a trigger with a key
+        the namespace saw within the server's window answers the first run's id and
+        starts nothing, so the call is retried on network errors and 5xx answers like a
+        read; the same key with another graph or body raises :class:`ApiError` (409).
         """
         body = {"start_delay": start_delay, "inputs": inputs or {}, "store": store or {}}
         api = self._client()
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else None
         return _as_dict(
             await self._call(
-                "POST", api.url("graph", graph_name, "trigger"), json=body, idempotent=False
+                "POST",
+                api.url("graph", graph_name, "trigger"),
+                json=body,
+                idempotent=idempotency_key is not None,
+                headers=headers,
             )
         )
 
@@ -204,9 +217,11 @@ class StateManager:
         """Start several runs of ``graph_name``; returns their run ids, in order.
 
         Each run is a mapping with the arguments of :meth:`trigger` (``store``,
-        ``inputs``, ``start_delay``), all optional. Runs travel ``chunk_size`` per request
-        and each request starts all of its runs or none; a state manager without the
-        batch route gets one :meth:`trigger` per run.
+        ``inputs``, ``start_delay``, ``idempotency_key``), all optional. Runs travel
+        ``chunk_size`` per request and each request starts all of its runs or none; a
+        state manager without the batch route gets one :meth:`trigger` per run. A run
+        whose ``idempotency_key`` already started one is answered with that run's id;
+        a request whose runs all carry keys is retried like a read.
         """
         run_ids: list[str] = []
         api = self._client()
@@ -216,21 +231,23 @@ class StateManager:
                     dict(run.get("store") or {}),
                     dict(run.get("inputs") or {}),
                     int(run.get("start_delay", 0)),
+                    run.get("idempotency_key"),
                 )
                 for run in runs[start : start + chunk_size]
             ]
             if self._batch_trigger is not False:
+                items: list[dict[str, Any]] = []
+                for store, inputs, delay, key in chunk:
+                    item: dict[str, Any] = {"store": store, "inputs": inputs, "start_delay": delay}
+                    if key is not None:
+                        item["idempotency_key"] = str(key)
+                    items.append(item)
                 try:
                     body = await self._call(
                         "POST",
                         api.url("graph", graph_name, "runs"),
-                        json={
-                            "runs": [
-                                {"store": store, "inputs": inputs, "start_delay": delay}
-                                for store, inputs, delay in chunk
-                            ]
-                        },
-                        idempotent=False,
+                        json={"runs": items},
+                        idempotent=all(key is not None for *_, key in chunk),
                     )
                 except ApiError as exc:
                     if not (exc.status_code in (404, 405) and exc.body == {"detail": "Not Found"}):
@@ -240,8 +257,10 @@ class StateManager:
                     self._batch_trigger = True
                     run_ids += [str(run_id) for run_id in _as_dict(body)["run_ids"]]
                     continue
-            for store, inputs, delay in chunk:
-                started = await self.trigger(graph_name, inputs, store, delay)
+            for store, inputs, delay, key in chunk:
+                started = await self.trigger(
+                    graph_name, inputs, store, delay, None if key is None else str(key)
+                )
                 run_ids.append(str(started["run_id"]))
         return run_ids
 
@@ -346,12 +365,13 @@ class StateManager:
         json: Any = None,
         ok: tuple[int, ...] = (200,),
         idempotent: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         api = self._client()
         attempt = 0
         while True:
             try:
-                return await api.call(method, path, json=json, ok=ok)
+                return await api.call(method, path, json=json, ok=ok, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 # The request never reached the server: always safe to send again.
                 if attempt >= self._retries:

@@ -497,6 +497,25 @@ def test_trigger_without_wait_and_inputs(exosphere_here: Exosphere, tmp_path: Pa
     )
 
 
+def test_trigger_with_an_idempotency_key_starts_one_run(
+    exosphere_here: Exosphere, tmp_path: Path
+) -> None:
+    apply_hello(exosphere_here, tmp_path)
+    args = ("run", "trigger", "hello", "--store", "name=once", "--idempotency-key", "cli-once")
+    first = exosphere_here(*args)
+    assert first.code == 0, first
+    again = exosphere_here(*args, "--wait")
+    assert again.code == 0, again
+    assert again.stdout == first.stdout  # the same run id
+    other = exosphere_here(
+        "run", "trigger", "hello", "--store", "name=other", "--idempotency-key", "cli-once"
+    )
+    assert other.code == 1
+    assert "HTTP 409" in one_line_error(other.stderr) and "cli-once" in other.stderr
+    listed = exosphere_here("run", "list", "-o", "json").json()
+    assert [run["run_id"] for run in listed["runs"]].count(first.stdout.strip()) == 1
+
+
 def read_terminal(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run ``command`` with stdout and stderr on a pseudo-terminal; what it wrote there."""
     leader, follower = pty.openpty()

@@ -172,6 +172,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
             "Authorization",
             "X-Requested-With",
             "X-Exosphere-Request-ID",
+            "Idempotency-Key",
         ],
         expose_headers=["X-Exosphere-Request-ID"],
     )

@@ -62,6 +62,11 @@ class Metrics:
             ["namespace", "graph", "source"],
             registry=r,
         )
+        self.runs_deleted = Counter(
+            "exosphere_runs_deleted_total",
+            "Finished runs deleted, with all their states, by retention.",
+            registry=r,
+        )
         self.cron_fires = Counter(
             "exosphere_cron_fires_total",
             "Cron trigger records fired, by outcome (triggered or failed).",

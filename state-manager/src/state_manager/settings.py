@@ -89,6 +89,10 @@ class Settings:
     max_wait_ms: int = 30_000
     auto_migrate: bool = True
     dashboard_session_hours: int = 12
+    idempotency_ttl_seconds: int = 24 * 3600
+    retention_days: int = 0  # 0: finished runs are kept forever
+    retention_interval_seconds: int = 60
+    retention_batch_runs: int = 500
 
     @classmethod
     def from_env(
@@ -120,6 +124,10 @@ class Settings:
             max_page_size=_int(env, "MAX_PAGE_SIZE", 1_000, 1),
             max_wait_ms=_int(env, "MAX_WAIT_MS", 30_000, 0),
             dashboard_session_hours=_int(env, "DASHBOARD_SESSION_HOURS", 12, 1),
+            idempotency_ttl_seconds=_int(env, "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS", 24 * 3600, 1),
+            retention_days=_int(env, "EXOSPHERE_RETENTION_DAYS", 0, 0),
+            retention_interval_seconds=_int(env, "EXOSPHERE_RETENTION_INTERVAL_SECONDS", 60, 1),
+            retention_batch_runs=_int(env, "EXOSPHERE_RETENTION_BATCH_RUNS", 500, 1),
             auto_migrate=(
                 auto_migrate_raw in {"1", "true", "yes"}
                 if auto_migrate_raw

@@ -246,6 +246,16 @@ async def test_cors_preflight_and_exposed_request_id(client: httpx.AsyncClient) 
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == origin
     assert r.headers["access-control-allow-credentials"] == "true"
+    # A browser may send an idempotent trigger.
+    r = await client.options(
+        "/v0/namespace/ns/graph/g/trigger",
+        headers={
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "x-api-key, idempotency-key, content-type",
+        },
+    )
+    assert r.status_code == 200, r.text
     r = await client.get("/v0/namespaces", headers={"origin": origin})
     assert r.headers["access-control-allow-origin"] == origin
     assert "x-exosphere-request-id" in r.headers["access-control-expose-headers"].lower()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from sm_api import expect_error, node
+from sm_api import Api, expect_error, node, template_node
 from sm_support import admin_execute, make_database, postgres_cluster, server_process
 from sqlalchemy.exc import DBAPIError
 from state_manager.store.database import UNREACHABLE, Database, unavailable
@@ -70,3 +70,28 @@ async def test_postgres_connection_cut_mid_query_counts_as_unavailable(tmp_path:
             assert unavailable(caught.value) is None
         finally:
             await db.close()
+
+
+@pytest.mark.postgres
+async def test_first_write_after_a_postgres_restart_succeeds(tmp_path: Path) -> None:
+    """A server idle while PostgreSQL restarted serves its next write on a fresh
+    connection instead of answering 503 on the one the restart cut."""
+    with (
+        postgres_cluster() as cluster,
+        server_process(cluster.create_database("exo_restart"), tmp_path / "server") as server,
+    ):
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=server.headers, timeout=30
+        ) as client:
+            api = Api(client, "restart")
+            await api.register(node("Work"))
+            await api.create_graph(
+                "g", {"nodes": [template_node("Work", "w", "restart")], "secrets": {}}
+            )
+            await api.trigger("g")  # the committer now keeps a connection
+            cluster.stop("immediate")
+            cluster.start()
+            await asyncio.sleep(1.5)  # idle longer than the probe threshold
+            run_id = await api.trigger("g")
+            assert (await api.run_summary(run_id))["status"] is not None
+        assert '"unhandled error"' not in server.output(), server.output()

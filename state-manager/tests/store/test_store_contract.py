@@ -14,7 +14,7 @@ from state_manager.errors import DatabaseNotMigrated
 from state_manager.services.progress import state_row
 from state_manager.store.database import Database
 from state_manager.store.queries import MUTABLE_STATE_COLUMNS
-from state_manager.store.tables import metadata
+from state_manager.store.tables import metadata, schema_migrations
 
 NODE = NodeTemplate(node_name="Work", namespace="ns", identifier="work", inputs={})
 
@@ -68,6 +68,19 @@ def _schema(inspector: Any) -> dict[str, tuple[set[str], set[str], set[str]]]:
         )
         for name in inspector.get_table_names()
     }
+
+
+async def test_a_missing_migration_below_the_newest_is_reported(db: Database) -> None:
+    """Versions may be added out of order (two branches); each must have been applied."""
+    await db.check_migrated()
+
+    def forget_first(connection: Any) -> None:
+        connection.execute(schema_migrations.delete().where(schema_migrations.c.version == 1))
+        connection.commit()
+
+    await db.run_sync(forget_first)
+    with pytest.raises(DatabaseNotMigrated):
+        await db.check_migrated()
 
 
 async def test_unmigrated_database_is_reported_with_the_command(database_url: str) -> None:

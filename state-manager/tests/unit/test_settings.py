@@ -49,6 +49,8 @@ def test_production_defaults() -> None:
     settings = production()
     assert settings.json_logs and not settings.auto_migrate
     assert (settings.trigger_workers, settings.trigger_retention_hours) == (1, 720)
+    assert settings.retention_days == 0  # retention is off unless asked for
+    assert settings.idempotency_ttl_seconds == 24 * 3600
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,9 @@ def test_production_defaults() -> None:
         ({"TRIGGER_RETENTION_HOURS": "0"}, "at least 1"),
         ({"DASHBOARD_SESSION_HOURS": "0"}, "DASHBOARD_SESSION_HOURS must be at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"EXOSPHERE_RETENTION_DAYS": "-1"}, "EXOSPHERE_RETENTION_DAYS must be at least 0"),
+        ({"EXOSPHERE_IDEMPOTENCY_TTL_SECONDS": "0"}, "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS"),
+        ({"EXOSPHERE_RETENTION_BATCH_RUNS": "0"}, "EXOSPHERE_RETENTION_BATCH_RUNS"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], message: str) -> None:
@@ -78,3 +83,15 @@ def test_numeric_settings_are_read() -> None:
     )
     assert production().dashboard_session_hours == 12
     assert production(DASHBOARD_SESSION_HOURS="2").dashboard_session_hours == 2
+    retention = production(
+        EXOSPHERE_RETENTION_DAYS="30",
+        EXOSPHERE_IDEMPOTENCY_TTL_SECONDS="60",
+        EXOSPHERE_RETENTION_INTERVAL_SECONDS="5",
+        EXOSPHERE_RETENTION_BATCH_RUNS="50",
+    )
+    assert (
+        retention.retention_days,
+        retention.idempotency_ttl_seconds,
+        retention.retention_interval_seconds,
+        retention.retention_batch_runs,
+    ) == (30, 60, 5, 50)

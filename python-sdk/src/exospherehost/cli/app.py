@@ -500,6 +500,7 @@ def graph_schema(output: str) -> None:
         "exosphere run trigger hello --store name=Ada",
         "exosphere run trigger hello --store name=Ada --wait --timeout 5m",
         "RUN_ID=$(exosphere run trigger nightly --start-delay 10m)",
+        "exosphere run trigger nightly --idempotency-key nightly-2026-12-03",
     ),
 )
 @click.argument("graph_name", metavar="GRAPH")
@@ -525,6 +526,14 @@ def graph_schema(output: str) -> None:
     metavar="DURATION",
     help="Start the run later: 500ms, 30s, 10m, 2h (a bare number is seconds).",
 )
+@click.option(
+    "--idempotency-key",
+    metavar="KEY",
+    help=(
+        "Start the run once: the same KEY again (within the server's window) prints the "
+        "first run's id and starts nothing; with another graph or body it is an error."
+    ),
+)
 @click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 1 if it FAILED.")
 @click.option(
     "--timeout",
@@ -540,6 +549,7 @@ async def run_trigger(
     store: dict[str, str],
     inputs: dict[str, str],
     start_delay: float | None,
+    idempotency_key: str | None,
     wait: bool,
     timeout_s: float | None,
 ) -> ExitCode:
@@ -551,7 +561,13 @@ async def run_trigger(
     client = session.client()
     out = session.out
     delay_ms = round((start_delay or 0) * 1000)
-    answer = await client.trigger(graph_name, inputs=inputs, store=store, start_delay=delay_ms)
+    answer = await client.trigger(
+        graph_name,
+        inputs=inputs,
+        store=store,
+        start_delay=delay_ms,
+        idempotency_key=idempotency_key,
+    )
     run_id = str(answer["run_id"])
     if not out.json_mode:
         out.line(run_id)

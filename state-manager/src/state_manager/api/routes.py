@@ -7,7 +7,17 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, Security, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    Header,
+    HTTPException,
+    Path,
+    Request,
+    Response,
+    Security,
+    status,
+)
 from fastapi.security import APIKeyHeader
 
 from state_manager.api import schemas
@@ -23,7 +33,6 @@ from state_manager.services.ops import (
     Heartbeat,
     Pruned,
     Requeued,
-    RunRequest,
     StateOp,
 )
 from state_manager.store.queries import ClaimedRow, GraphStateRow, TemplateRow
@@ -166,17 +175,44 @@ async def list_graphs(namespace_name: Namespace, ctx: ContextDep) -> schemas.Lis
     )
 
 
-@ns.post("/graph/{graph_name}/trigger", tags=["runs"], responses=NOT_FOUND)
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=runs.IDEMPOTENCY_KEY_MAX_LENGTH,
+        # Printable ASCII, checked by the service (400).
+        json_schema_extra={"pattern": schemas.IDEMPOTENCY_KEY_PATTERN},
+        description=(
+            "Extension: a retry with the same key (per namespace, within "
+            "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS) answers the first run's id and starts "
+            "nothing; the same key with another graph or body is a 409."
+        ),
+    ),
+]
+
+
+@ns.post("/graph/{graph_name}/trigger", tags=["runs"], responses=errors(404, 409))
 async def trigger_graph(
-    namespace_name: Namespace, graph_name: GraphName, body: schemas.TriggerRequest, ctx: ContextDep
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    body: schemas.TriggerRequest,
+    ctx: ContextDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> schemas.TriggerResponse:
     run_id = await runs.trigger(
-        ctx, namespace_name, graph_name, body.store, body.inputs, body.start_delay
+        ctx,
+        namespace_name,
+        graph_name,
+        body.store,
+        body.inputs,
+        body.start_delay,
+        idempotency_key=idempotency_key,
     )
     return schemas.TriggerResponse(run_id=run_id)
 
 
-@ns.post("/graph/{graph_name}/runs", tags=["runs"], responses=NOT_FOUND)
+@ns.post("/graph/{graph_name}/runs", tags=["runs"], responses=errors(404, 409))
 async def start_runs(
     namespace_name: Namespace,
     graph_name: GraphName,
@@ -193,7 +229,12 @@ async def start_runs(
         ctx,
         namespace_name,
         graph_name,
-        [RunRequest(run.store, run.inputs, run.start_delay) for run in body.runs],
+        [
+            runs.run_request(
+                graph_name, run.store, run.inputs, run.start_delay, run.idempotency_key
+            )
+            for run in body.runs
+        ],
     )
     return schemas.StartRunsResponse(run_ids=run_ids)
 

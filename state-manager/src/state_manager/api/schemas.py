@@ -113,6 +113,9 @@ class ListGraphsResponse(BaseModel):
 # -- runs -------------------------------------------------------------------------
 
 
+IDEMPOTENCY_KEY_PATTERN = "^[ -~]*$"
+
+
 class TriggerRequest(Body):
     store: dict[Name, str] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -124,10 +127,25 @@ class TriggerResponse(BaseModel):
     run_id: str
 
 
+class StartRunItem(TriggerRequest):
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        # Printable ASCII, checked by the service (400).
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+        description=(
+            "Optional: a run already started with this key in the namespace (within "
+            "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS) is answered instead of a new one; the same "
+            "key with another graph or body is a 409. Distinct within one request."
+        ),
+    )
+
+
 class StartRunsRequest(Body):
     """Extension: several runs of one graph in one request, each as a trigger body."""
 
-    runs: list[TriggerRequest] = Field(min_length=1)
+    runs: list[StartRunItem] = Field(min_length=1)
 
 
 class StartRunsResponse(BaseModel):

@@ -61,10 +61,20 @@ def start(ctx: Context) -> list[asyncio.Task[None]]:
         await runs.purge_expired_triggers(ctx)
         return 300.0
 
+    cursor = runs.RetentionCursor()
+
+    async def expire_runs_and_keys() -> float:
+        # Bounded batches, each its own transaction; go on at once while there is more.
+        more = await runs.purge_expired_trigger_keys(ctx) >= runs.KEY_PURGE_BATCH
+        await runs.delete_expired_runs(ctx, cursor)
+        more = more or cursor.after is not None
+        return 0.05 if more else float(ctx.settings.retention_interval_seconds)
+
     tasks = [
         asyncio.create_task(_forever("validation", validate, ctx.validation_wakeup)),
         asyncio.create_task(_forever("leases", expire)),
         asyncio.create_task(_forever("retention", purge)),
+        asyncio.create_task(_forever("run-retention", expire_runs_and_keys)),
     ]
     tasks += [
         asyncio.create_task(_forever(f"cron-{i}", fire_cron))

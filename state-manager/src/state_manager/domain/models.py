@@ -90,6 +90,15 @@ class RunStatus(StrEnum):
     FAILED = "FAILED"
 
 
+# A run is PENDING while one of its states has one of these statuses, and finished
+# (every other run status) once none has: the run listing and retention both use it.
+RUN_PENDING_STATE_STATUSES = frozenset(
+    {StateStatus.CREATED, StateStatus.QUEUED, StateStatus.EXECUTED}
+)
+# The run statuses that retention deletes once old enough: every status but PENDING.
+FINISHED_RUN_STATUSES = frozenset(set(RunStatus) - {RunStatus.PENDING})
+
+
 class TriggerStatus(StrEnum):
     PENDING = "PENDING"
     TRIGGERING = "TRIGGERING"

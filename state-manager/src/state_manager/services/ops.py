@@ -95,11 +95,19 @@ class LeaseExpired(StateOp[bool]):
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    """What one run starts with: its store, literal root inputs, and a delay (ms)."""
+    """What one run starts with: its store, literal root inputs, and a delay (ms).
+
+    With an ``idempotency_key``, a run already started under that key in the namespace
+    (and not expired) is answered instead of a new one, if its ``request_hash`` is the
+    same (:func:`state_manager.services.runs.request_hash`); otherwise the trigger is a
+    conflict.
+    """
 
     store: dict[str, str]
     inputs: dict[str, str]
     start_delay: int = 0
+    idempotency_key: str | None = None
+    request_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)

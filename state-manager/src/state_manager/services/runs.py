@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from state_manager.domain import cron
 from state_manager.domain.ids import is_object_id, new_object_id
-from state_manager.domain.models import RunStatus, StateStatus, TriggerStatus
+from state_manager.domain.models import (
+    RUN_PENDING_STATE_STATUSES,
+    RunStatus,
+    StateStatus,
+    TriggerStatus,
+)
 from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import writes
 from state_manager.services.context import Context
@@ -18,6 +26,33 @@ from state_manager.services.ops import RunRequest, Trigger
 from state_manager.store.queries import GraphStateRow, StateRow
 
 logger = logging.getLogger(__name__)
+
+
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+
+
+def run_request(
+    graph_name: str,
+    store: dict[str, str],
+    inputs: dict[str, str],
+    start_delay: int,
+    idempotency_key: str | None = None,
+) -> RunRequest:
+    """A run to start; with an idempotency key, also the hash that tells a retry of the
+    same request (graph name and canonical JSON of the body) from another one."""
+    if idempotency_key is None:
+        return RunRequest(store, inputs, start_delay)
+    if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LENGTH or not all(
+        " " <= c <= "~" for c in idempotency_key
+    ):
+        raise InvalidRequest(
+            f"An idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} printable "
+            "ASCII characters"
+        )
+    body = {"store": store, "inputs": inputs, "start_delay": start_delay}
+    canonical = orjson.dumps([graph_name, body], option=orjson.OPT_SORT_KEYS)
+    digest = hashlib.sha256(canonical).hexdigest()
+    return RunRequest(store, inputs, start_delay, idempotency_key, digest)
 
 
 async def trigger(
@@ -28,11 +63,12 @@ async def trigger(
     inputs: dict[str, str],
     start_delay: int,
     source: str = "api",
+    idempotency_key: str | None = None,
 ) -> str:
-    """Start a run: the run record, its store and the root state, in one transaction."""
-    (run_id,) = await trigger_many(
-        ctx, namespace, graph_name, [RunRequest(store, inputs, start_delay)], source
-    )
+    """Start a run: the run record, its store and the root state, in one transaction.
+    With ``idempotency_key``, the run an earlier trigger with that key started, if any."""
+    run = run_request(graph_name, store, inputs, start_delay, idempotency_key)
+    (run_id,) = await trigger_many(ctx, namespace, graph_name, [run], source)
     return run_id
 
 
@@ -43,7 +79,11 @@ async def trigger_many(
     runs: Sequence[RunRequest],
     source: str = "api",
 ) -> list[str]:
-    """Start several runs of one graph in one transaction, all or none."""
+    """Start several runs of one graph in one transaction, all or none. A run whose
+    idempotency key already started one is answered with that run instead."""
+    keys = [run.idempotency_key for run in runs if run.idempotency_key is not None]
+    if len(keys) != len(set(keys)):
+        raise InvalidRequest("Each run of a request needs its own idempotency key")
     return await ctx.committer.submit(Trigger(namespace, graph_name, tuple(runs), source))
 
 
@@ -111,6 +151,85 @@ async def purge_expired_triggers(ctx: Context) -> int:
         return await tx.delete_expired_triggers(ctx.clock())
 
 
+# -- expiry and retention -------------------------------------------------------------
+
+KEY_PURGE_BATCH = 1000
+# A SQLite deletion holds the only write lock: smaller transactions let reports through
+# (measured here: 2000 states of 20 per run took 85-135 ms to delete).
+SQLITE_RETENTION_RUNS = 100
+SQLITE_RETENTION_STATES = 1000
+
+
+def _chunks(expired: dict[str, int], small: bool) -> list[list[str]]:
+    """The runs to delete, one list per transaction: all at once, or (``small``) at most
+    :data:`SQLITE_RETENTION_RUNS` runs and about :data:`SQLITE_RETENTION_STATES` states."""
+    if not small:
+        return [list(expired)] if expired else []
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    weight = 0
+    for run_id, count in expired.items():
+        if current and (
+            len(current) >= SQLITE_RETENTION_RUNS or weight + count > SQLITE_RETENTION_STATES
+        ):
+            chunks.append(current)
+            current, weight = [], 0
+        current.append(run_id)
+        weight += count
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+async def purge_expired_trigger_keys(ctx: Context) -> int:
+    """Delete up to :data:`KEY_PURGE_BATCH` expired idempotency keys; returns how many."""
+    async with ctx.db.write() as tx:
+        return await tx.delete_expired_trigger_keys(ctx.clock(), KEY_PURGE_BATCH)
+
+
+@dataclass
+class RetentionCursor:
+    """Where retention's walk over old runs stands (oldest first; ``None``: the start).
+
+    Runs created before the cutoff that cannot go yet (still pending, or finished too
+    recently) are passed over; the next pass starts again from the oldest."""
+
+    after: tuple[int, str] | None = None
+
+
+async def delete_expired_runs(ctx: Context, cursor: RetentionCursor) -> int:
+    """One step of retention: among the next ``retention_batch_runs`` runs created before
+    the cutoff, delete those finished (no pending state) with no change since the
+    cutoff, with every row that belongs to them. Returns how many were deleted.
+
+    Finding them reads the oldest runs by ``ix_runs_created_at`` and their states by
+    ``ix_states_run_id``: the cost follows the batch, not the history kept. Deleting
+    locks the runs with SKIP LOCKED and their states on PostgreSQL, and checks again
+    under those locks, so replicas share the work and a manual retry racing the
+    deletion either lands first (the run stays) or finds the state gone.
+    """
+    days = ctx.settings.retention_days
+    if days <= 0:
+        return 0
+    cutoff = ctx.clock() - days * 86_400_000
+    limit = ctx.settings.retention_batch_runs
+    if ctx.db.dialect == "sqlite":  # its statements run on the event loop: keep them short
+        limit = min(limit, SQLITE_RETENTION_RUNS)
+    async with ctx.db.read() as tx:
+        candidates = await tx.runs_created_before(cutoff, cursor.after, limit)
+        expired = await tx.finished_before([run_id for _, run_id in candidates], cutoff)
+    cursor.after = candidates[-1] if len(candidates) == limit else None
+    deleted = 0
+    for chunk in _chunks(expired, ctx.db.dialect == "sqlite"):
+        async with ctx.db.write() as tx:
+            locked = await tx.lock_runs_for_deletion(chunk)
+            deleted += await tx.delete_runs(list(await tx.finished_before(locked, cutoff)))
+    if deleted:
+        ctx.metrics.runs_deleted.inc(deleted)
+        logger.info("retention deleted %d finished run(s)", deleted)
+    return deleted
+
+
 # -- views --------------------------------------------------------------------------
 
 
@@ -130,7 +249,7 @@ class RunSummary:
 
     @property
     def pending_count(self) -> int:
-        return self.count(StateStatus.CREATED, StateStatus.QUEUED, StateStatus.EXECUTED)
+        return self.count(*RUN_PENDING_STATE_STATUSES)
 
     @property
     def errored_count(self) -> int:

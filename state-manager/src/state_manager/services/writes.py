@@ -10,7 +10,9 @@ been alone. A refused operation writes nothing, so refusals never undo the other
 Statements per batch, whatever its size: lock the target states, look up the graphs,
 stores and ancestor outputs they need, update the states, insert the new states, runs
 and store entries, open fan-in groups and adjust each touched group once, and one claim
-statement per claim operation.
+statement per claim operation. Triggers with idempotency keys add one insert of their keys
+(and one read of the keys already held) per round: triggers of one batch sharing a key go
+in successive rounds, as if they had come one after the other.
 """
 
 from __future__ import annotations
@@ -376,37 +378,127 @@ class _Batch:
             key = (op.namespace, op.graph_name)
             if key not in templates:
                 templates[key] = await tx.get_template(*key)
-        for index, op in items:
-            try:
-                outcomes[index] = await self.plan_runs(
-                    tx, op, templates[(op.namespace, op.graph_name)]
-                )
-            except StateManagerError as exc:
-                outcomes[index] = exc
-                continue
-            metric = self.ctx.metrics.runs_triggered.labels(op.namespace, op.graph_name, op.source)
-            self.after_commit.append(functools.partial(metric.inc, len(op.runs)))
+        waiting = items
+        while waiting:
+            # Triggers sharing an idempotency key go in separate rounds, one after the
+            # other, so the later one finds the key the earlier one wrote (or released).
+            current, waiting = _distinct_keys(waiting)
+            await self._start_round(tx, current, templates, outcomes)
 
-    async def plan_runs(self, tx: Tx, op: Trigger, template: TemplateRow | None) -> list[str]:
-        """Gather the runs' records, stores and root states; raise (gathering none of
-        them) if one cannot start."""
+    async def _start_round(
+        self,
+        tx: Tx,
+        items: list[tuple[int, Trigger]],
+        templates: dict[tuple[str, str], TemplateRow | None],
+        outcomes: list[Any],
+    ) -> None:
+        """Start the runs of triggers whose idempotency keys are all distinct: claim the
+        keys first (one statement; the unique key decides between concurrent callers),
+        answer a key already held with its run, then plan the runs still to create."""
+        ttl_ms = self.ctx.settings.idempotency_ttl_seconds * 1000
+        run_ids: dict[int, list[str]] = {}
+        claims: list[dict[str, Any]] = []
+        for index, op in items:
+            run_ids[index] = [new_run_id() for _ in op.runs]
+            for run, run_id in zip(op.runs, run_ids[index], strict=True):
+                if run.idempotency_key is not None:
+                    claims.append(
+                        {
+                            "namespace": op.namespace,
+                            "idempotency_key": run.idempotency_key,
+                            "request_hash": run.request_hash,
+                            "run_id": run_id,
+                            "created_at": self.now,
+                            "expires_at": self.now + ttl_ms,
+                        }
+                    )
+        claimed = await tx.claim_trigger_keys(claims)
+        earlier = await tx.trigger_keys(
+            (c["namespace"], c["idempotency_key"])
+            for c in claims
+            if (c["namespace"], c["idempotency_key"]) not in claimed
+        )
+        released: list[tuple[str, str]] = []
+        for index, op in items:
+            ids = run_ids[index]
+            mine: list[tuple[str, str]] = []
+            fresh: list[int] = []
+            error: StateManagerError | None = None
+            for position, run in enumerate(op.runs):
+                if run.idempotency_key is None:
+                    fresh.append(position)
+                    continue
+                pair = (op.namespace, run.idempotency_key)
+                if pair in claimed:
+                    mine.append(pair)
+                    fresh.append(position)
+                    continue
+                held = earlier.get(pair)
+                if held is None:  # released meanwhile by a trigger that failed
+                    error = Conflict(
+                        f"Idempotency key {run.idempotency_key!r} is being released by "
+                        "another request; retry"
+                    )
+                elif held.request_hash != run.request_hash:
+                    error = Conflict(
+                        f"Idempotency key {run.idempotency_key!r} was already used in "
+                        f"namespace {op.namespace} for a different request (another graph "
+                        "or body); use a new key for a new request"
+                    )
+                else:
+                    ids[position] = held.run_id
+                if error is not None:
+                    break
+            if error is None and fresh:
+                try:
+                    await self.plan_runs(
+                        tx, op, templates[(op.namespace, op.graph_name)], ids, fresh
+                    )
+                except StateManagerError as exc:
+                    error = exc
+            if error is not None:
+                outcomes[index] = error
+                released += mine
+                continue
+            outcomes[index] = ids
+            if fresh:
+                metric = self.ctx.metrics.runs_triggered.labels(
+                    op.namespace, op.graph_name, op.source
+                )
+                self.after_commit.append(functools.partial(metric.inc, len(fresh)))
+        # Keys claimed for triggers that were refused point at runs that will not exist.
+        await tx.delete_trigger_keys(released)
+
+    async def plan_runs(
+        self,
+        tx: Tx,
+        op: Trigger,
+        template: TemplateRow | None,
+        run_ids: Sequence[str] | None = None,
+        positions: Sequence[int] | None = None,
+    ) -> list[str]:
+        """Gather the records, stores and root states of the runs of ``op`` at
+        ``positions`` (default: all), with ids ``run_ids`` (default: new ones); raise,
+        gathering none of them, if one cannot start. Returns the ids, one per run."""
         if template is None:
             raise NotFound(f"Graph template {op.graph_name} not found in namespace {op.namespace}")
         if template.validation_status != ValidationStatus.VALID or template.version_id is None:
             raise InvalidRequest("Graph template is not valid")
         graph = await self.ctx.graphs.for_version(tx, template.version_id)
+        ids = list(run_ids) if run_ids is not None else [new_run_id() for _ in op.runs]
+        chosen = list(range(len(op.runs))) if positions is None else list(positions)
         roots: list[dict[str, str]] = []
-        for number, run in enumerate(op.runs, 1):
+        for position in chosen:
+            run = op.runs[position]
             try:
                 roots.append(root_inputs(graph, run.store, run.inputs))
             except InvalidRequest as exc:
                 if len(op.runs) == 1:
                     raise
-                raise InvalidRequest(f"Run {number}: {exc.detail}") from None
-        return [
-            self._plan_run(op, graph, template.version_id, run, inputs)
-            for run, inputs in zip(op.runs, roots, strict=True)
-        ]
+                raise InvalidRequest(f"Run {position + 1}: {exc.detail}") from None
+        for position, inputs in zip(chosen, roots, strict=True):
+            self._plan_run(op, graph, template.version_id, op.runs[position], inputs, ids[position])
+        return ids
 
     def _plan_run(
         self,
@@ -415,8 +507,8 @@ class _Batch:
         version_id: str,
         run: RunRequest,
         inputs: dict[str, str],
-    ) -> str:
-        run_id = new_run_id()
+        run_id: str,
+    ) -> None:
         self.runs.append(
             {
                 "run_id": run_id,
@@ -441,7 +533,6 @@ class _Batch:
             )
         )
         self.ctx.graphs.remember_runs({run_id: version_id})
-        return run_id
 
     # -- claims -----------------------------------------------------------------------------
 
@@ -457,6 +548,24 @@ class _Batch:
                 self.ctx.metrics.child(metrics, state.namespace, state.node_name).inc
             )
         return claimed
+
+
+def _distinct_keys(
+    items: list[tuple[int, Trigger]],
+) -> tuple[list[tuple[int, Trigger]], list[tuple[int, Trigger]]]:
+    """Split triggers into those whose idempotency keys no earlier one of the list
+    uses (in order), and the rest."""
+    taken: set[tuple[str, str]] = set()
+    now: list[tuple[int, Trigger]] = []
+    later: list[tuple[int, Trigger]] = []
+    for index, op in items:
+        keys = {(op.namespace, r.idempotency_key) for r in op.runs if r.idempotency_key}
+        if keys & taken:
+            later.append((index, op))
+            continue
+        taken |= keys
+        now.append((index, op))
+    return now, later
 
 
 def _not_found() -> NotFound:

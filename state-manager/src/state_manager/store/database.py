@@ -52,6 +52,8 @@ TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})
 # How long a SQLite writer waits for another process to release the write lock.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _MIGRATION_LOCK = 734501
+# A kept batch connection idle for longer than this is probed before its next batch.
+BATCH_PROBE_AFTER_IDLE_S = 1.0
 
 
 def is_transient(error: DBAPIError) -> bool:
@@ -146,6 +148,7 @@ class Database:
         self._writer: Connection | None = None
         self._batch_lock = asyncio.Lock()
         self._batch_connection: AsyncConnection | None = None
+        self._batch_idle_since = 0.0
         self.engine: Engine | AsyncEngine
         if self.dialect == "sqlite":
             path = make_url(self.url).database
@@ -223,6 +226,9 @@ class Database:
     @contextlib.asynccontextmanager
     async def _postgres_batch(self) -> AsyncIterator[Tx]:
         connection = self._batch_connection
+        if connection is not None and not await self._fit_for_batch(connection):
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
         if connection is None or connection.closed or connection.invalidated:
             engine = self.engine
             assert isinstance(engine, AsyncEngine)
@@ -244,6 +250,18 @@ class Database:
             with contextlib.suppress(Exception):
                 await connection.close()
             raise
+        finally:
+            self._batch_idle_since = time.monotonic()
+
+    async def _fit_for_batch(self, connection: AsyncConnection) -> bool:
+        """Whether the kept connection can take the next batch. Back-to-back batches trust
+        it (no round trip); after an idle spell, in which the server may have restarted, it is
+        probed, so the first write after a restart runs on a fresh connection instead of
+        failing with 503."""
+        if time.monotonic() - self._batch_idle_since < BATCH_PROBE_AFTER_IDLE_S:
+            return True
+        raw = await connection.get_raw_connection()
+        return await _alive(raw.driver_connection)
 
     async def _notify(self, connection: AsyncConnection, tx: Tx) -> None:
         """Wake long polls on every replica for the work this transaction leaves."""
@@ -338,11 +356,11 @@ class Database:
                 return await asyncio.to_thread(_migrate, connection, dialect)
 
     async def check_migrated(self) -> None:
-        """Raise :class:`DatabaseNotMigrated` unless the schema is at the latest version."""
-        current = await self.current_version()
-        latest = self.latest_version()
-        if current < latest:
-            raise DatabaseNotMigrated(current=current, latest=latest)
+        """Raise :class:`DatabaseNotMigrated` unless every shipped migration was applied
+        (versions need not be contiguous: one added below the newest applied still counts)."""
+        applied = await self.run_sync(_applied_versions)
+        if any(version not in applied for version, _ in migration_files(self.dialect)):
+            raise DatabaseNotMigrated(current=max(applied, default=0), latest=self.latest_version())
 
     # -- notifications ----------------------------------------------------------------
 
@@ -454,6 +472,14 @@ def _current_version(connection: Connection) -> int:
     value = connection.scalar(sa.select(sa.func.max(schema_migrations.c.version)))
     connection.rollback()
     return int(value or 0)
+
+
+def _applied_versions(connection: Connection) -> set[int]:
+    if not sa.inspect(connection).has_table("schema_migrations"):
+        return set()
+    versions = set(connection.scalars(sa.select(schema_migrations.c.version)))
+    connection.rollback()
+    return versions
 
 
 def _migrate(connection: Connection, dialect: str) -> list[int]:

@@ -18,7 +18,12 @@ from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from state_manager.domain.models import StateStatus, TriggerStatus, ValidationStatus
+from state_manager.domain.models import (
+    RUN_PENDING_STATE_STATUSES,
+    StateStatus,
+    TriggerStatus,
+    ValidationStatus,
+)
 from state_manager.store import hot
 from state_manager.store.tables import (
     cron_triggers,
@@ -29,6 +34,7 @@ from state_manager.store.tables import (
     runs,
     states,
     store_entries,
+    trigger_keys,
 )
 
 Rows = CursorResult[*tuple[Any, ...]]
@@ -755,6 +761,162 @@ class Tx:
         )
         return int(result.rowcount or 0)
 
+    # -- idempotency keys of triggers ---------------------------------------------
+
+    async def claim_trigger_keys(self, rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
+        """Insert idempotency keys (``namespace``, ``idempotency_key``, ``request_hash``,
+        ``run_id``, ``created_at``, ``expires_at``; each key at most once), taking over
+        a row whose ``expires_at`` has passed. Returns the (namespace, key) pairs now
+        held by these rows; the others belong to an earlier trigger (:meth:`trigger_keys`).
+
+        One statement, keys in sorted order: two transactions claiming overlapping keys
+        wait for each other instead of deadlocking, and the unique key decides.
+        """
+        if not rows:
+            return set()
+        ordered = sorted(rows, key=lambda r: (r["namespace"], r["idempotency_key"]))
+        statement = self._insert(trigger_keys).values([dict(r) for r in ordered])
+        excluded = statement.excluded
+        statement = statement.on_conflict_do_update(
+            index_elements=["namespace", "idempotency_key"],
+            set_={
+                "request_hash": excluded.request_hash,
+                "run_id": excluded.run_id,
+                "created_at": excluded.created_at,
+                "expires_at": excluded.expires_at,
+            },
+            where=trigger_keys.c.expires_at <= excluded.created_at,
+        ).returning(trigger_keys.c.namespace, trigger_keys.c.idempotency_key)
+        result = await self._execute(statement)
+        return {(row[0], row[1]) for row in result}
+
+    async def trigger_keys(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], TriggerKey]:
+        """The stored rows of these (namespace, key) pairs (those that exist)."""
+        pairs = sorted(set(keys))
+        if not pairs:
+            return {}
+        result = await self._execute(
+            sa.select(
+                trigger_keys.c.namespace,
+                trigger_keys.c.idempotency_key,
+                trigger_keys.c.run_id,
+                trigger_keys.c.request_hash,
+            ).where(sa.tuple_(trigger_keys.c.namespace, trigger_keys.c.idempotency_key).in_(pairs))
+        )
+        return {(row[0], row[1]): TriggerKey(run_id=row[2], request_hash=row[3]) for row in result}
+
+    async def delete_trigger_keys(self, keys: Iterable[tuple[str, str]]) -> None:
+        pairs = sorted(set(keys))
+        if pairs:
+            await self._execute(
+                trigger_keys.delete().where(
+                    sa.tuple_(trigger_keys.c.namespace, trigger_keys.c.idempotency_key).in_(pairs)
+                )
+            )
+
+    async def delete_expired_trigger_keys(self, now: int, limit: int) -> int:
+        """Delete up to ``limit`` keys whose ``expires_at`` has passed (by its index)."""
+        expired = (
+            sa.select(trigger_keys.c.namespace, trigger_keys.c.idempotency_key)
+            .where(trigger_keys.c.expires_at <= now)
+            .order_by(trigger_keys.c.expires_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            expired = expired.with_for_update(skip_locked=True)
+        result = await self._execute(
+            trigger_keys.delete().where(
+                sa.tuple_(trigger_keys.c.namespace, trigger_keys.c.idempotency_key).in_(expired)
+            )
+        )
+        return int(result.rowcount or 0)
+
+    # -- retention ------------------------------------------------------------------
+
+    async def runs_created_before(
+        self, cutoff: int, after: tuple[int, str] | None, limit: int
+    ) -> list[tuple[int, str]]:
+        """Up to ``limit`` (created_at, run_id) of runs created before ``cutoff``, oldest
+        first, after the position ``after`` (by the index ``ix_runs_created_at``)."""
+        query = sa.select(runs.c.created_at, runs.c.run_id).where(runs.c.created_at < cutoff)
+        if after is not None:
+            query = query.where(sa.tuple_(runs.c.created_at, runs.c.run_id) > sa.tuple_(*after))
+        result = await self._execute(query.order_by(runs.c.created_at, runs.c.run_id).limit(limit))
+        return [(int(row[0]), row[1]) for row in result]
+
+    async def finished_before(self, run_ids: Sequence[str], cutoff: int) -> dict[str, int]:
+        """Those of ``run_ids`` with no pending state and no state changed since ``cutoff``
+        (a run without states counts from its creation), each with its number of states.
+        Reads each run's states by ``ix_states_run_id``."""
+        if not run_ids:
+            return {}
+        pending = sa.case(
+            (states.c.status.in_([s.value for s in RUN_PENDING_STATE_STATUSES]), 1), else_=0
+        )
+        activity = (
+            sa.select(
+                states.c.run_id.label("run_id"),
+                sa.func.sum(pending).label("pending"),
+                sa.func.max(states.c.updated_at).label("last"),
+                sa.func.count().label("states"),
+            )
+            .where(states.c.run_id.in_(list(run_ids)))
+            .group_by(states.c.run_id)
+            .subquery()
+        )
+        result = await self._execute(
+            sa.select(runs.c.run_id, sa.func.coalesce(activity.c.states, 0))
+            .select_from(runs.outerjoin(activity, activity.c.run_id == runs.c.run_id))
+            .where(
+                runs.c.run_id.in_(list(run_ids)),
+                sa.func.coalesce(activity.c.pending, 0) == 0,
+                sa.func.coalesce(activity.c.last, runs.c.created_at) < cutoff,
+            )
+            .order_by(runs.c.run_id)
+        )
+        return {row[0]: int(row[1]) for row in result}
+
+    async def lock_runs_for_deletion(self, run_ids: Sequence[str]) -> list[str]:
+        """On PostgreSQL, lock the runs that no other transaction holds (skipping the
+        others: another replica is deleting them) and then all their states, in id order,
+        so a report or retry on one of them waits for the deletion (and then finds
+        nothing) or the deletion waits for it (and sees what it wrote). SQLite's write
+        transaction already excludes every other writer."""
+        ids = sorted(set(run_ids))
+        if not ids or self.dialect != "postgresql":
+            return ids
+        result = await self._execute(
+            sa.select(runs.c.run_id)
+            .where(runs.c.run_id.in_(ids))
+            .order_by(runs.c.run_id)
+            .with_for_update(skip_locked=True)
+        )
+        locked = [row[0] for row in result]
+        if locked:
+            await self._execute(
+                sa.select(states.c.id)
+                .where(states.c.run_id.in_(locked))
+                .order_by(states.c.id)
+                .with_for_update()
+            )
+        return locked
+
+    async def delete_runs(self, run_ids: Sequence[str]) -> int:
+        """Delete runs and every row that belongs to them. Returns the runs deleted."""
+        ids = list(set(run_ids))
+        if not ids:
+            return 0
+        # A fan-in group's id is the id of the state that opened it: found by primary key.
+        opened_by = sa.select(states.c.id).where(states.c.run_id.in_(ids))
+        await self._execute(fanin_groups.delete().where(fanin_groups.c.group_id.in_(opened_by)))
+        await self._execute(states.delete().where(states.c.run_id.in_(ids)))
+        await self._execute(store_entries.delete().where(store_entries.c.run_id.in_(ids)))
+        await self._execute(trigger_keys.delete().where(trigger_keys.c.run_id.in_(ids)))
+        result = await self._execute(runs.delete().where(runs.c.run_id.in_(ids)))
+        return int(result.rowcount or 0)
+
     # == dashboard reads ==========================================================
     # Read-only queries of the dashboard (services/views.py). Each answer is bounded
     # by a page size or by the size of a graph template, never by a run's history.
@@ -906,6 +1068,14 @@ class Tx:
             .limit(limit)
         )
         return [StateBrief.from_row(row) for row in result.mappings()]
+
+
+@dataclass(frozen=True)
+class TriggerKey:
+    """The run an idempotency key started, and the hash of the request that started it."""
+
+    run_id: str
+    request_hash: str
 
 
 @dataclass

@@ -77,6 +77,7 @@ runs = sa.Table(
     sa.Column("version_id", ID, nullable=False),
     sa.Column("created_at", MS, nullable=False),
     sa.Index("ix_runs_namespace_created_at", "namespace", "created_at"),
+    sa.Index("ix_runs_created_at", "created_at", "run_id"),  # retention, oldest first
 )
 
 store_entries = sa.Table(
@@ -166,6 +167,23 @@ cron_triggers = sa.Table(
         "namespace", "graph_name", "expression", "trigger_time", name="uq_cron_triggers_fire"
     ),
     sa.Index("ix_cron_triggers_due", "trigger_status", "trigger_time"),
+    sa.Index("ix_cron_triggers_expires_at", "expires_at"),  # purge of fired records
+)
+
+# One row per Idempotency-Key given to a trigger (per namespace), written in the same
+# transaction as the run it started. ``request_hash`` tells a retry (same body) from a
+# reuse of the key for another request (409). Purged once ``expires_at`` has passed.
+trigger_keys = sa.Table(
+    "trigger_keys",
+    metadata,
+    sa.Column("namespace", sa.Text, primary_key=True),
+    sa.Column("idempotency_key", sa.Text, primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.String(36), nullable=False),
+    sa.Column("created_at", MS, nullable=False),
+    sa.Column("expires_at", MS, nullable=False),
+    sa.Index("ix_trigger_keys_expires_at", "expires_at"),
+    sa.Index("ix_trigger_keys_run_id", "run_id"),
 )
 
 schema_migrations = sa.Table(
