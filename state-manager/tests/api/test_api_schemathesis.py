@@ -62,4 +62,6 @@ def test_schemathesis_finds_nothing(backend: str, tmp_path: Path) -> None:
             )
     print(f"schemathesis on {backend}: {summary(result.stdout)}")
     assert result.returncode == 0, f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-3000:]
+    closing = [line for line in result.stdout.splitlines() if line.startswith("=")][-1]
+    assert "failure" not in closing and "error" not in closing, result.stdout[-3000:]
+    assert " 0 passed" not in result.stdout and " passed" in result.stdout, result.stdout[-3000:]
