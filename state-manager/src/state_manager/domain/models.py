@@ -206,6 +206,13 @@ def _key_problems(keys: list[str]) -> list[str]:
     return problems
 
 
+def _coerced_values(schema: JsonDict) -> None:
+    """``default_values`` takes any JSON value and keeps its string form (v0 contract)."""
+    schema.pop("patternProperties", None)
+    schema["propertyNames"] = {"maxLength": NAME_MAX_LENGTH, "pattern": STORE_KEY_PATTERN}
+    schema["additionalProperties"] = {"description": "Any JSON value, kept as its str()."}
+
+
 class StoreConfig(BaseModel):
     """Per-run key/value store: keys a trigger must provide and defaults for the rest."""
 
@@ -214,7 +221,7 @@ class StoreConfig(BaseModel):
     ] = Field(default_factory=list, json_schema_extra={"uniqueItems": True})
     default_values: dict[
         Annotated[str, Field(max_length=NAME_MAX_LENGTH, pattern=STORE_KEY_PATTERN)], str
-    ] = Field(default_factory=dict)
+    ] = Field(default_factory=dict, json_schema_extra=_coerced_values)
 
     @model_validator(mode="before")
     @classmethod
@@ -230,7 +237,7 @@ class StoreConfig(BaseModel):
         if isinstance(defaults, dict):
             stripped = [str(k).strip() for k in defaults]
             problems += _key_problems(stripped)
-            defaults = {str(k).strip(): v for k, v in defaults.items()}
+            defaults = {str(k).strip(): str(v) for k, v in defaults.items()}
         if problems:
             raise ValueError("; ".join(problems))
         return {**data, "required_keys": required, "default_values": defaults}
