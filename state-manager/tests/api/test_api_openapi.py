@@ -112,3 +112,23 @@ async def test_metrics_is_text_plain(client: httpx.AsyncClient) -> None:
     r = await client.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
+
+
+async def test_bounds_use_json_schema_keywords(client: httpx.AsyncClient) -> None:
+    """pydantic leaves some bounds as ``gt``/``le``, which no JSON Schema tool reads."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            found.extend(f"{where}.{k}" for k in ("gt", "ge", "lt", "le") if k in value)
+            for key, sub in value.items():
+                walk(sub, f"{where}.{key}")
+        elif isinstance(value, list):
+            for index, sub in enumerate(value):
+                walk(sub, f"{where}[{index}]")
+
+    schema = await _schema(client)
+    walk(schema["components"], "components")
+    assert found == []
+    policy = schema["components"]["schemas"]["RetryPolicy"]["properties"]["max_delay"]
+    assert {"type": "integer", "exclusiveMinimum": 0} in policy["anyOf"]

@@ -64,6 +64,7 @@ JSON_VALUE: dict[str, Any] = {
         },
     ],
 }
+_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
 _SCHEMA_KEYWORDS = {"type", "$ref", "anyOf", "oneOf", "allOf", "enum", "const", "not"}
 
 
@@ -95,6 +96,11 @@ def _complete(schema: Any) -> Any:
         else:
             done[key] = value
     kind = schema.get("type")
+    if kind in {"integer", "number"}:
+        # pydantic leaves the bounds of some constrained unions under their own names.
+        for name, keyword in _BOUNDS.items():
+            if name in done:
+                done[keyword] = done.pop(name)
     if kind == "string" and "pattern" not in done and not {"enum", "const"} & schema.keys():
         done["pattern"] = NUL_FREE_PATTERN
     if kind == "object":
