@@ -404,6 +404,30 @@ async def test_heartbeats_while_a_node_runs(
     assert fake.states[state_id].status == "EXECUTED"
 
 
+async def test_short_states_start_no_heartbeat_task(
+    fake: FakeStateManager, make_runtime: MakeRuntime, hold: type[Hold]
+) -> None:
+    """Only a state still unsettled after the heartbeat interval gets a heartbeat task."""
+    quick = [fake.add_state("Echo", {"text": str(i)}) for i in range(20)]
+    slow = fake.add_state("Hold", {"n": "1"})
+    runtime = make_runtime([Echo, hold], heartbeat_interval=0.2)
+    started: list[str] = []
+    beat = runtime._heartbeat
+
+    def counting(state_id: str) -> Any:
+        started.append(state_id)
+        return beat(state_id)
+
+    runtime._heartbeat = counting  # type: ignore[method-assign]
+    task = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.05))
+    await fake.wait_for(lambda: all(fake.states[i].status == "EXECUTED" for i in quick))
+    await fake.wait_for(lambda: fake.states[slow].heartbeats >= 2)
+    hold.release.set()
+    await task
+    assert started == [slow]
+    assert fake.states[slow].status == "EXECUTED"
+
+
 async def test_servers_without_heartbeat_route_are_tolerated(
     fake: FakeStateManager, make_runtime: MakeRuntime, hold: type[Hold]
 ) -> None:

@@ -58,11 +58,18 @@ class _Claim:
     state_id: str
     node_name: str
     inputs: dict[str, Any]
+    # Heartbeats: a timer first, and a task only for a state still unsettled when it fires.
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
     executing: bool = True  # holds a worker slot until its outcome is known
+    done: bool = False  # the report is settled
 
     def settled(self) -> None:
         """The state's report is settled: the claim needs no more heartbeats."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.heartbeat is not None:
             self.heartbeat.cancel()
 
@@ -516,7 +523,10 @@ class Runtime:
             return
         self.stats.claimed += 1
         if self._heartbeat_interval > 0 and self._heartbeat_supported:
-            claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
+            # A timer costs far less than a task; most states finish before it fires.
+            claim.timer = asyncio.get_running_loop().call_later(
+                self._heartbeat_interval, self._start_heartbeat, claim
+            )
         task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
         self._running[task] = claim
         self._executing += 1
@@ -605,18 +615,28 @@ class Runtime:
         secrets = body.get("secrets") if isinstance(body, dict) else None
         return dict(secrets) if isinstance(secrets, dict) else {}
 
+    def _start_heartbeat(self, claim: _Claim) -> None:
+        """The first heartbeat interval of ``claim`` passed: heartbeat from now on while
+        its report is unsettled (it may still be running, or its report in flight)."""
+        claim.timer = None
+        if claim.done or not self._heartbeat_supported:
+            return
+        claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
+
     async def _heartbeat(self, state_id: str) -> None:
+        """Send a heartbeat now, then one every interval, until cancelled or refused."""
         api = self._require_api()
         path = api.url("state", state_id, "heartbeat")
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
             try:
                 response = await api.send("POST", path, json={})
             except httpx.RequestError as exc:
                 logger.debug("heartbeat of %s failed: %s", state_id, describe_exc(exc))
+                await asyncio.sleep(self._heartbeat_interval)
                 continue
             status = response.status_code
             if status == 200 or is_retryable_status(status):
+                await asyncio.sleep(self._heartbeat_interval)
                 continue
             body = response_body(response)
             if status == 405 or (status == 404 and body == {"detail": "Not Found"}):

@@ -2,8 +2,9 @@
 
 Several HTTP clients claim and report concurrently, with small random batches and
 long polls, while fan-out reports keep making hundreds of states claimable at once.
-With two servers (in this process, or two server processes), half of the clients
-talk to each; both servers share one database.
+Claimers report through the v0 routes, or through ``states/exchange``, whose claim
+commits with its reports. With two servers (in this process, or two
+server processes), half of the clients talk to each; both servers share one database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import random
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,10 @@ NS = "claims"
 RUNS = 4
 WIDTH = 150
 CLAIMERS = 6
+
+Claimer = Callable[
+    [Api, random.Random, list[str], asyncio.Event, Counter[str]], Coroutine[Any, Any, None]
+]
 
 
 async def claimer(
@@ -57,10 +63,56 @@ async def claimer(
                     finished.set()
 
 
+async def exchange_claimer(
+    api: Api,
+    rng: random.Random,
+    claims: list[str],
+    finished: asyncio.Event,
+    work_done: Counter[str],
+) -> None:
+    """Reports what it ran in the same request as its next claim."""
+    reports: list[dict[str, Any]] = []
+    works = 0  # Work states among ``reports``
+    while not finished.is_set():
+        body = {
+            "reports": reports,
+            "claim": {
+                "nodes": ["Root", "Split", "Work"],
+                "batch_size": rng.randint(1, 10),
+                "wait_ms": rng.choice([0, 200]),
+            },
+        }
+        r = await api.client.post(f"{api.base}/states/exchange", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert [x["status_code"] for x in answer["results"]] == [200] * len(reports)
+        work_done["work"] += works
+        if work_done["work"] == RUNS * WIDTH:
+            finished.set()
+        reports, works = [], 0
+        for state in answer["states"]:
+            claims.append(state["state_id"])
+            if state["node_name"] == "Split":
+                outputs: list[dict[str, Any]] = [{"item": str(i)} for i in range(WIDTH)]
+            else:
+                outputs = [{"item": state["inputs"].get("item", "")}]
+            reports.append({"state_id": state["state_id"], "kind": "executed", "outputs": outputs})
+            works += state["node_name"] == "Work"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("servers", ["one-server", "two-servers", "two-processes"])
+@pytest.mark.parametrize(
+    ("servers", "via"),
+    [
+        ("one-server", "routes"),
+        ("two-servers", "routes"),
+        ("two-processes", "routes"),
+        ("one-server", "exchange"),
+        ("two-processes", "exchange"),
+    ],
+)
 async def test_concurrent_claimers_never_share_a_state(
-    database_url: str, tmp_path: Path, servers: str
+    database_url: str, tmp_path: Path, servers: str, via: str
 ) -> None:
     with contextlib.ExitStack() as stack:
         if servers == "two-processes":
@@ -80,13 +132,13 @@ async def test_concurrent_claimers_never_share_a_state(
             for i in range(CLAIMERS)
         ]
         try:
-            await _race(clients, database_url)
+            await _race(clients, database_url, exchange_claimer if via == "exchange" else claimer)
         finally:
             for client in clients:
                 await client.aclose()
 
 
-async def _race(clients: list[httpx.AsyncClient], database_url: str) -> None:
+async def _race(clients: list[httpx.AsyncClient], database_url: str, claimer: Claimer) -> None:
     setup = Api(clients[0], NS)
     await setup.register(
         node("Root", outputs=("item",)),

@@ -147,7 +147,9 @@ class GraphCache:
     async def for_runs(self, tx: Tx, run_ids: Iterable[str]) -> dict[str, CompiledGraph]:
         """The graph of each run, looking up the runs not seen before in one query."""
         wanted = set(run_ids)
-        missing = wanted - self._run_versions.keys()
+        # Not ``wanted - self._run_versions.keys()``: that walks every remembered run.
+        known = self._run_versions
+        missing = {run_id for run_id in wanted if run_id not in known}
         if missing:
             found = await tx.run_versions(missing)
             for run_id in missing:
