@@ -48,6 +48,7 @@ class FakeState:
     heartbeats: int = 0
     claims: int = 0
     lease_until: float = 0.0
+    run_cancelled: bool = False  # reports and heartbeats answer 409 run_cancelled
 
 
 @dataclass
@@ -284,6 +285,8 @@ class FakeStateManager:
             result["body" if status == 200 else "detail"] = (
                 payload if status == 200 else payload["detail"]
             )
+            if status != 200 and "code" in payload:
+                result["code"] = payload["code"]
             results.append(result)
         claim = body.get("claim")
         states = (await self._enqueue(claim))["states"] if claim else []
@@ -306,6 +309,9 @@ class FakeStateManager:
             return 200, {"secrets": dict(self.secrets)}
         if method != "POST":
             return 405, {"detail": "Method Not Allowed"}
+        if state.run_cancelled:
+            state.status = "CANCELLED"
+            return 409, {"detail": "Run r was cancelled", "code": "run_cancelled"}
         if action == "re-enqueue-after":
             state.status = "CREATED"
             state.enqueue_after = time.monotonic() + body["enqueue_after"] / 1000

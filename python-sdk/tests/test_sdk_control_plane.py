@@ -143,6 +143,62 @@ async def test_trigger_many_starts_runs_in_chunks(
         summary = await api.get(f"{base}/run/{run_id}")
         assert summary.json()["total_count"] == 1
 
+
+async def test_cancel_run_and_timeouts(sm_server: ServerProcess, api: httpx.AsyncClient) -> None:
+    namespace = unique_namespace("cancel")
+    base = f"/v0/namespace/{namespace}"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    registered = await api.put(
+        f"{base}/nodes/",
+        json={
+            "runtime_name": "rt",
+            "nodes": [
+                {"name": "Greet", "inputs_schema": schema, "outputs_schema": {}, "secrets": []}
+            ],
+        },
+    )
+    assert registered.status_code == 200, registered.text
+    async with StateManager(namespace, sm_server.base_url, sm_server.key) as sm:
+        stored = await sm.upsert_graph(
+            "g",
+            [GraphNodeModel(node_name="Greet", namespace=namespace, identifier="greet",
+                            inputs={"name": "x"}, timeout=30)],
+            {},
+            timeout=600,
+            validation_timeout=30,
+            polling_interval=0.1,
+        )  # fmt: skip
+        assert (stored["timeout"], stored["nodes"][0]["timeout"]) == (600, 30)
+        with pytest.raises(ValueError, match="timeout"):
+            await sm.upsert_graph("g", [], {}, timeout=0)
+
+        delayed = (await sm.trigger("g", start_delay=3_600_000))["run_id"]
+        answer = await sm.cancel_run(delayed)
+        assert (answer["run_id"], answer["status"], answer["cancelled_states"]) == (
+            delayed,
+            "CANCELLED",
+            1,
+        )
+        assert await sm.cancel_run(delayed) == answer  # twice: the same answer
+        graph = await sm.wait_for_run(delayed, timeout=10)
+        assert graph.status is RunStatus.CANCELLED
+        assert (await sm.get_run_details(delayed)).status is RunStatus.CANCELLED
+        assert (await sm.get_run(delayed)).status is RunStatus.CANCELLED
+
+        finished = (await sm.trigger("g"))["run_id"]
+        claimed = await api.post(
+            f"{base}/states/enqueue", json={"nodes": ["Greet"], "batch_size": 1}
+        )
+        [state] = claimed.json()["states"]
+        done = await api.post(f"{base}/state/{state['state_id']}/executed", json={"outputs": []})
+        assert done.status_code == 200, done.text
+        with pytest.raises(ApiError) as refused:
+            await sm.cancel_run(finished)
+        assert refused.value.status_code == 409
+        assert "already finished" in refused.value.detail
+        with pytest.raises(ApiError) as unknown:
+            await sm.cancel_run("00000000-0000-0000-0000-000000000000")
+        assert unknown.value.status_code == 404
     async with StateManager(namespace, sm_server.base_url, sm_server.key) as sm:
         # Idempotency keys: the same key answers the first run; another body is a 409.
         first = await sm.trigger("g", store={"who": "k"}, idempotency_key="sdk-1")

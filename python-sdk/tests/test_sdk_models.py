@@ -34,6 +34,7 @@ def test_graph_node_is_trimmed_and_dumps_every_field() -> None:
         "inputs": {},
         "next_nodes": ["b"],
         "unites": None,
+        "timeout": None,
     }
 
 

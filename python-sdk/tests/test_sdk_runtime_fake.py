@@ -414,9 +414,9 @@ async def test_short_states_start_no_heartbeat_task(
     started: list[str] = []
     beat = runtime._heartbeat
 
-    def counting(state_id: str) -> Any:
-        started.append(state_id)
-        return beat(state_id)
+    def counting(claim: Any) -> Any:
+        started.append(claim.state_id)
+        return beat(claim)
 
     runtime._heartbeat = counting  # type: ignore[method-assign]
     task = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.05))

@@ -7,8 +7,10 @@ was in flight, with a claim for the runtime's free slots; otherwise each report 
 request to its v0 route. Network errors, timeouts and
 retryable statuses (5xx, 408, 425, 429) are retried with backoff. Any other 4xx means the
 state is no longer this worker's (finished, unknown, or taken back after its lease
-expired): the report is dropped *and logged*. Only shutdown stops the retries, after its
-own deadline; every report given up then is logged at ERROR with its full body.
+expired): the report is dropped *and logged*. A 409 with code ``run_cancelled`` means
+the state's run was cancelled: the report is dropped and logged once as such. Only
+shutdown stops the retries, after its own deadline; every report given up then is
+logged at ERROR with its full body.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ logger = logging.getLogger("exospherehost.runtime")
 
 # Answers to a report that mean "never with this body" rather than "not your state".
 _UNACCEPTABLE = frozenset({413, 422})
+# The code of the server's answer (409) to a report or heartbeat of a cancelled run.
+RUN_CANCELLED = "run_cancelled"
+
+
+def is_run_cancelled(status: int, payload: Any) -> bool:
+    """Whether an answer refuses a state because its run was cancelled."""
+    return status == 409 and isinstance(payload, dict) and payload.get("code") == RUN_CANCELLED
 
 
 @dataclass
@@ -58,6 +67,9 @@ class RuntimeStats:
     """``re-enqueue-after`` reports accepted."""
     rejected: int = 0
     """Reports refused with a 4xx (the state was finished, unknown or claimed again)."""
+    cancelled: int = 0
+    """States not continued because their run was cancelled (also counted in ``rejected``
+    when their report was refused)."""
     undelivered: int = 0
     """Reports still failing when shutdown gave up on them (each one is logged in full)."""
 
@@ -251,7 +263,8 @@ class Reporter:
         try:
             await self.request("POST", path, report.body)
         except StateGoneError as exc:
-            self._refused(report, settled, exc.status_code, exc.detail)
+            cancelled = is_run_cancelled(exc.status_code, exc.body)
+            self._refused(report, settled, exc.status_code, exc.detail, cancelled=cancelled)
             return
         except Abandoned:
             self._undelivered(report)
@@ -269,10 +282,29 @@ class Reporter:
             settled()
 
     def _refused(
-        self, report: Report, settled: Callable[[], None] | None, status: int, detail: str
+        self,
+        report: Report,
+        settled: Callable[[], None] | None,
+        status: int,
+        detail: str,
+        *,
+        cancelled: bool = False,
     ) -> None:
         """A report answered with a non-retryable status: settle it, or turn a result the
         server can never accept into an errored report."""
+        if cancelled:
+            self._stats.rejected += 1
+            self._stats.cancelled += 1
+            logger.warning(
+                "%s report of state %s (%s) refused: its run was cancelled (%s)",
+                report.kind,
+                report.state_id,
+                report.node_name,
+                detail,
+            )
+            if settled is not None:
+                settled()
+            return
         if report.kind != "errored" and status in _UNACCEPTABLE:
             # The server will never take this result (too many outputs, a body it cannot
             # parse): fail the attempt instead, so the retry policy applies.
@@ -400,7 +432,7 @@ class Reporter:
             if offer is not None and not delivered:
                 offer.release()
         retry: list[_Queued] = []
-        for queued, (status, detail) in zip(batch, results, strict=True):
+        for queued, (status, detail, code) in zip(batch, results, strict=True):
             if status == 200:
                 self._stats.count_accepted(queued.report.kind)
                 if queued.settled is not None:
@@ -408,24 +440,34 @@ class Reporter:
             elif is_retryable_status(status):
                 retry.append(queued)
             else:
-                self._refused(queued.report, queued.settled, status, detail)
+                cancelled = is_run_cancelled(status, {"code": code})
+                self._refused(queued.report, queued.settled, status, detail, cancelled=cancelled)
         if retry:
             self._buffer.extendleft(reversed(retry))
             return f"retryable answers for {len(retry)} report(s)"
         return None
 
 
-def _parse_exchange(payload: Any, expected: int) -> tuple[list[tuple[int, str]], list[Any]]:
-    """(status, detail) per report and the claimed states, from an exchange answer."""
+def _parse_exchange(
+    payload: Any, expected: int
+) -> tuple[list[tuple[int, str, str | None]], list[Any]]:
+    """(status, detail, code) per report and the claimed states, from an exchange answer."""
     if not isinstance(payload, dict):
         raise ValueError("not a JSON object")
     results = payload.get("results")
     states = payload.get("states")
     if not isinstance(results, list) or len(results) != expected or not isinstance(states, list):
         raise ValueError("results or states missing")
-    parsed: list[tuple[int, str]] = []
+    parsed: list[tuple[int, str, str | None]] = []
     for item in results:
         if not isinstance(item, dict) or not isinstance(item.get("status_code"), int):
             raise ValueError(f"malformed result {item!r}")
-        parsed.append((item["status_code"], str(item.get("detail") or item.get("body"))))
+        code = item.get("code")
+        parsed.append(
+            (
+                item["status_code"],
+                str(item.get("detail") or item.get("body")),
+                code if isinstance(code, str) else None,
+            )
+        )
     return parsed, states

@@ -18,6 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+"""The longest node or graph timeout a server accepts (seven days)."""
+
 __all__ = [
     "CronTrigger",
     "GraphNodeModel",
@@ -94,6 +97,14 @@ class GraphNodeModel(BaseModel):
     )
     next_nodes: list[str] | None = Field(default=None, description="Identifiers of successors")
     unites: UnitesModel | None = Field(default=None, description="Fan-in declaration")
+    timeout: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Seconds a claimed state of this node may run before the server takes "
+        "it back as a failed attempt (retried under the retry policy); default: the "
+        "graph's timeout, else only the server's lease. Needs a server with timeouts.",
+    )
 
     @field_validator("node_name")
     @classmethod
@@ -213,6 +224,7 @@ class RunStatus(StrEnum):
     SUCCESS = "SUCCESS"
     PENDING = "PENDING"
     FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
 
 class RunSummary(_ReadModel):
@@ -282,6 +294,8 @@ class RunGraph(_ReadModel):
     node_count: int
     edge_count: int
     execution_summary: dict[str, int]
+    run_status: str | None = Field(default=None, alias="status")
+    """The run's status as the server states it (servers with cancellation)."""
 
     @property
     def pending(self) -> int:
@@ -293,6 +307,8 @@ class RunGraph(_ReadModel):
     def status(self) -> RunStatus:
         """The run's status, derived the way the runs listing derives it."""
         summary = self.execution_summary
+        if self.run_status == RunStatus.CANCELLED or summary.get("CANCELLED", 0):
+            return RunStatus.CANCELLED
         if self.pending:
             return RunStatus.PENDING
         if summary.get("ERRORED", 0) or summary.get("NEXT_CREATED_ERROR", 0):

@@ -41,7 +41,15 @@ from typing import Any
 import httpx
 
 from ._http import ApiClient, Backoff, is_retryable_status, response_body
-from ._reporting import Abandoned, ClaimOffer, Report, Reporter, RuntimeStats, describe_exc
+from ._reporting import (
+    Abandoned,
+    ClaimOffer,
+    Report,
+    Reporter,
+    RuntimeStats,
+    describe_exc,
+    is_run_cancelled,
+)
 from .errors import ApiError, StateGoneError
 from .node import BaseNode, node_problems, normalize_outputs
 from .signals import PruneSignal, ReQueueAfterSignal
@@ -63,6 +71,8 @@ class _Claim:
     heartbeat: asyncio.Task[None] | None = field(default=None, repr=False)
     executing: bool = True  # holds a worker slot until its outcome is known
     done: bool = False  # the report is settled
+    run_cancelled: bool = False  # a heartbeat found its run cancelled: nothing to report
+    task: asyncio.Task[None] | None = field(default=None, repr=False)  # running the node
 
     def settled(self) -> None:
         """The state's report is settled: the claim needs no more heartbeats."""
@@ -528,6 +538,7 @@ class Runtime:
                 self._heartbeat_interval, self._start_heartbeat, claim
             )
         task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
+        claim.task = task
         self._running[task] = claim
         self._executing += 1
         task.add_done_callback(self._on_node_done)
@@ -545,6 +556,9 @@ class Runtime:
         try:
             report = await self._execute(claim)
         except asyncio.CancelledError:
+            if claim.run_cancelled:
+                claim.settled()  # the run was cancelled: no report; the slot frees
+                return
             logger.warning(
                 "state %s (%s) cancelled at shutdown; reporting it as errored",
                 claim.state_id,
@@ -621,11 +635,13 @@ class Runtime:
         claim.timer = None
         if claim.done or not self._heartbeat_supported:
             return
-        claim.heartbeat = asyncio.create_task(self._heartbeat(claim.state_id))
+        claim.heartbeat = asyncio.create_task(self._heartbeat(claim))
 
-    async def _heartbeat(self, state_id: str) -> None:
-        """Send a heartbeat now, then one every interval, until cancelled or refused."""
+    async def _heartbeat(self, claim: _Claim) -> None:
+        """Send a heartbeat now, then one every interval, until cancelled or refused. A
+        refusal because the run was cancelled stops the node (nothing will be reported)."""
         api = self._require_api()
+        state_id = claim.state_id
         path = api.url("state", state_id, "heartbeat")
         while True:
             try:
@@ -639,7 +655,19 @@ class Runtime:
                 await asyncio.sleep(self._heartbeat_interval)
                 continue
             body = response_body(response)
-            if status == 405 or (status == 404 and body == {"detail": "Not Found"}):
+            if is_run_cancelled(status, body):
+                task = claim.task
+                if task is not None and not task.done() and claim.executing:
+                    logger.warning(
+                        "state %s (%s): its run was cancelled; stopping the node",
+                        state_id,
+                        claim.node_name,
+                    )
+                    self.stats.cancelled += 1
+                    claim.run_cancelled = True
+                    task.cancel()
+                # (else the node has finished: its report is refused and counted then)
+            elif status == 405 or (status == 404 and body == {"detail": "Not Found"}):
                 logger.info("the state manager has no heartbeat route; heartbeats disabled")
                 self._heartbeat_supported = False
             else:

@@ -25,6 +25,7 @@ import httpx
 from ._http import ApiClient, Backoff, is_retryable_status
 from .errors import ApiError, GraphValidationError, GraphValidationTimeout, UnexpectedResponse
 from .models import (
+    MAX_TIMEOUT_SECONDS,
     CronTrigger,
     GraphNodeModel,
     RegisteredNode,
@@ -33,6 +34,7 @@ from .models import (
     RunGraph,
     RunNodeDetails,
     RunsPage,
+    RunStatus,
     RunSummary,
     StoreConfigModel,
 )
@@ -118,18 +120,26 @@ class StateManager:
         triggers: list[CronTrigger] | None = None,
         validation_timeout: float = 60,
         polling_interval: float = 1,
+        timeout: int | None = None,  # noqa: ASYNC109 - the graph's node timeout, not this call's
     ) -> dict[str, Any]:
         """Create or replace a graph template and wait until the server has validated it.
 
         Returns the template once ``VALID``. Raises :class:`GraphValidationError` (with the
         server's ``validation_errors``) if it ends ``INVALID``, and
         :class:`GraphValidationTimeout` if validation takes longer than
-        ``validation_timeout`` seconds.
+        ``validation_timeout`` seconds. ``timeout`` (seconds) is the default timeout of
+        nodes without their own (:attr:`GraphNodeModel.timeout`); servers without
+        timeouts ignore both.
         """
-        body: dict[str, Any] = {
-            "secrets": dict(secrets),
-            "nodes": [node.model_dump(mode="json") for node in graph_nodes],
-        }
+        nodes = [node.model_dump(mode="json") for node in graph_nodes]
+        for node in nodes:
+            if node.get("timeout") is None:
+                node.pop("timeout", None)  # what older servers were always sent
+        body: dict[str, Any] = {"secrets": dict(secrets), "nodes": nodes}
+        if timeout is not None:
+            if isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+                raise ValueError(f"timeout must be 1 to {MAX_TIMEOUT_SECONDS} seconds")
+            body["timeout"] = timeout
         if retry_policy is not None:
             body["retry_policy"] = retry_policy.model_dump(mode="json")
         if store_config is not None:
@@ -318,6 +328,15 @@ class StateManager:
         answer = _as_dict(await self._call("POST", path, json=body, idempotent=False))
         return str(answer["id"])
 
+    async def cancel_run(self, run_id: str) -> dict[str, Any]:
+        """Cancel a run: its pending states never start, and states being executed are
+        refused when their worker reports them. Returns the server's answer (``run_id``,
+        ``status`` CANCELLED, ``cancelled_at``, ``cancelled_states``); cancelling again
+        answers the same. A finished run raises :class:`ApiError` with status 409, an
+        unknown one 404 (a server without cancellation answers 404 or 405 too)."""
+        api = self._client()
+        return _as_dict(await self._call("POST", api.url("run", run_id, "cancel")))
+
     async def wait_for_run(
         self,
         run_id: str,
@@ -325,13 +344,14 @@ class StateManager:
         timeout: float = 60.0,  # noqa: ASYNC109 - a deadline for the polling, not one call
         poll_interval: float = 0.5,
     ) -> RunGraph:
-        """Poll a run's graph until no state is pending; raise ``TimeoutError`` after
-        ``timeout`` seconds. Check ``.status`` of the result for SUCCESS/FAILED."""
+        """Poll a run's graph until no state is pending or the run is cancelled; raise
+        ``TimeoutError`` after ``timeout`` seconds. Check ``.status`` of the result for
+        SUCCESS/FAILED/CANCELLED."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             graph = await self.get_run_graph(run_id)
-            if graph.nodes and not graph.pending:
+            if (graph.nodes and not graph.pending) or graph.status == RunStatus.CANCELLED:
                 return graph
             if loop.time() >= deadline:
                 raise TimeoutError(

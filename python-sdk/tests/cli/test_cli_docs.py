@@ -216,7 +216,7 @@ def test_documented_json_shapes_are_the_real_ones() -> None:
     assert keys(trigger) == keys(real)
     assert set(documented_counts) == {
         "CREATED", "QUEUED", "EXECUTED", "SUCCESS", "ERRORED", "NEXT_CREATED_ERROR", "PRUNED",
-        "RETRY_CREATED",
+        "RETRY_CREATED", "CANCELLED",
     }  # fmt: skip
     assert real_counts == RUN["counts"]
 
@@ -232,6 +232,8 @@ def test_documented_json_shapes_are_the_real_ones() -> None:
     nodes_part = text.split("### `exosphere nodes list`", 1)[1].split("\n### ", 1)[0]
     for key in node_entry(node):
         assert f'"{key}"' in nodes_part, key
+    [cancel] = documented("### `exosphere run cancel")
+    assert set(cancel) == {"run_id", "namespace", "status", "cancelled_at", "cancelled_states"}
     show_part = text.split("### `exosphere run show", 1)[1].split("\n### ", 1)[0]
     for key in state_json(state, None):
         assert f'"{key}"' in show_part, key

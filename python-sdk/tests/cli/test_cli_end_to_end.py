@@ -657,3 +657,38 @@ def test_usage_errors_exit_2(sm_server: ServerProcess, tmp_path: Path) -> None:
     assert bad_uri.code == 2
     assert one_line_error(bad_uri.stderr).startswith("error: invalid state manager URI")
     assert json.loads(invoke_in_process("graph", "schema", env=env).stdout)["title"]
+
+
+def test_run_cancel(exosphere: Exosphere, exosphere_here: Exosphere, tmp_path: Path) -> None:
+    apply_hello(exosphere_here, tmp_path)
+    delayed = exosphere_here(
+        "run", "trigger", "hello", "--store", "name=Ada", "--start-delay", "1h"
+    )
+    run_id = delayed.stdout.strip()
+    cancelled = exosphere("run", "cancel", run_id)
+    assert cancelled.code == 0, cancelled
+    assert cancelled.stdout == f"run {run_id} CANCELLED (1 state(s) cancelled)\n"
+    again = exosphere_here("run", "cancel", run_id, "-o", "json")
+    assert again.code == 0, again
+    document = again.json()
+    assert document == {
+        "run_id": run_id,
+        "namespace": document["namespace"],
+        "status": "CANCELLED",
+        "cancelled_at": document["cancelled_at"],
+        "cancelled_states": 1,
+    }
+    shown = exosphere_here("run", "show", run_id, "-o", "json").json()
+    assert shown["run"]["status"] == "CANCELLED"
+    assert [s["status"] for s in shown["states"]] == ["CANCELLED"]
+
+    finished = exosphere_here("run", "trigger", "hello", "--store", "name=Bo", "--wait")
+    assert finished.code == 0, finished
+    refused = exosphere_here("run", "cancel", finished.stdout.strip())
+    assert refused.code == 1
+    line = one_line_error(refused.stderr)
+    assert line.startswith("error: the state manager refused (HTTP 409): Run "), line
+    assert "already finished (SUCCESS)" in line
+    unknown = exosphere_here("run", "cancel", "00000000-0000-0000-0000-000000000000", "-o", "json")
+    assert unknown.code == 1
+    assert unknown.json()["error"]["kind"] == "not_found"

@@ -211,6 +211,7 @@ def stored_template() -> dict[str, Any]:
                 "inputs": {"x": "${{ store.k }}"},
                 "next_nodes": ["b"],
                 "unites": None,
+                "timeout": 30,
             },
             {
                 "node_name": "B",
@@ -219,8 +220,10 @@ def stored_template() -> dict[str, Any]:
                 "inputs": {},
                 "next_nodes": [],
                 "unites": {"identifier": "a", "strategy": "ALL_SUCCESS"},
+                "timeout": None,
             },
         ],
+        "timeout": 3600,
         "secrets": {"signing-key": True, "api_token": True},
         "retry_policy": {
             "max_retries": 3,
@@ -249,12 +252,14 @@ def test_template_to_file_and_back_to_the_same_request() -> None:
         "store_config": {"required_keys": ["k"]},
         "retry_policy": {"strategy": "LINEAR", "max_delay": 60000},
         "triggers": [{"cron": "*/5 * * * *"}],
+        "timeout": 3600,
         "nodes": [
             {
                 "identifier": "a",
                 "node_name": "A",
                 "inputs": {"x": "${{ store.k }}"},
                 "next_nodes": ["b"],
+                "timeout": 30,
             },
             {
                 "identifier": "b",
@@ -284,6 +289,7 @@ def test_template_to_file_and_back_to_the_same_request() -> None:
         assert ready.retry_policy.model_dump(mode="json") == template["retry_policy"]
         assert ready.store_config.model_dump(mode="json") == template["store_config"]
         assert [t.expression for t in ready.triggers or []] == ["*/5 * * * *"]
+        assert ready.timeout == 3600
         assert ready.secrets == {"api_token": "1", "signing-key": "2"}
 
 
@@ -526,7 +532,7 @@ def all_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[s
 
 def test_every_command_has_help_with_an_example() -> None:
     commands = all_commands(cli)
-    assert len(commands) == 15
+    assert len(commands) == 16
     runner = CliRunner()
     for path in commands:
         result = runner.invoke(cli, [*path, "--help"], prog_name="exosphere")

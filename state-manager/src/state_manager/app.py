@@ -91,7 +91,10 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
 
     @app.exception_handler(StateManagerError)
     async def _domain_error(_request: Request, exc: StateManagerError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        body = {"detail": exc.detail}
+        if exc.code is not None:
+            body["code"] = exc.code
+        return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)

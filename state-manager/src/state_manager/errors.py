@@ -6,6 +6,7 @@
     ├── NotFound            404
     ├── InvalidRequest      400
     ├── Conflict            409
+    │   └── RunCancelled    409, code "run_cancelled"
     ├── PayloadTooLarge     413
     ├── DatabaseUnavailable 503 (disk full, connection lost or refused, server restarting)
     └── DatabaseNotMigrated (start-up and readiness only)
@@ -18,6 +19,7 @@ class StateManagerError(Exception):
     """Base class; ``detail`` is safe to show to clients."""
 
     status_code = 500
+    code: str | None = None  # a stable machine-readable name, sent as "code" when set
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -34,6 +36,16 @@ class InvalidRequest(StateManagerError):
 
 class Conflict(StateManagerError):
     status_code = 409
+
+
+class RunCancelled(Conflict):
+    """A report, heartbeat or retry for a state of a cancelled run."""
+
+    code = "run_cancelled"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"Run {run_id} was cancelled; this state will not be continued")
+        self.run_id = run_id
 
 
 class PayloadTooLarge(StateManagerError):

@@ -82,6 +82,7 @@ class Settings:
     trigger_workers: int = 1
     trigger_retention_hours: int = 720
     lease_seconds: int = 3600
+    lease_check_ms: int = 5000  # how often the lease-expiry loop looks for expired leases
     max_request_bytes: int = 10 * 1024 * 1024
     max_fanout: int = 10_000
     max_batch_size: int = 1_000
@@ -118,6 +119,7 @@ class Settings:
             trigger_workers=_int(env, "TRIGGER_WORKERS", 1, 1),
             trigger_retention_hours=_int(env, "TRIGGER_RETENTION_HOURS", 720, 1),
             lease_seconds=_int(env, "STATE_LEASE_SECONDS", 3600, 1),
+            lease_check_ms=_int(env, "LEASE_CHECK_MS", 5000, 10),
             max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 10 * 1024 * 1024, 1024),
             max_fanout=_int(env, "MAX_FANOUT", 10_000, 1),
             max_batch_size=_int(env, "MAX_BATCH_SIZE", 1_000, 1),

@@ -70,13 +70,15 @@ async def test_upsert_returns_201_normalised_and_get_returns_what_was_stored(
             "inputs": {"x": "${{ store.k }}"},
             "next_nodes": ["b", "c"],
             "unites": None,
+            "timeout": None,
         },
         {"node_name": "B", "namespace": NS, "identifier": "b", "inputs": {},
-         "next_nodes": [], "unites": None},
+         "next_nodes": [], "unites": None, "timeout": None},
         {"node_name": "B", "namespace": NS, "identifier": "c", "inputs": {},
-         "next_nodes": [], "unites": None},
+         "next_nodes": [], "unites": None, "timeout": None},
         {"node_name": "B", "namespace": NS, "identifier": "j", "inputs": {},
-         "next_nodes": [], "unites": {"identifier": "a", "strategy": "ALL_SUCCESS"}},
+         "next_nodes": [], "unites": {"identifier": "a", "strategy": "ALL_SUCCESS"},
+         "timeout": None},
     ]  # fmt: skip
     stored = {
         "nodes": expected_nodes,
@@ -90,6 +92,7 @@ async def test_upsert_returns_201_normalised_and_get_returns_what_was_stored(
         },
         "store_config": {"required_keys": ["k"], "default_values": {"d": "1"}},
         "triggers": [{"type": "CRON", "value": {"expression": "0 3 * * 1"}}],
+        "timeout": None,
     }
     assert set(created) == {*stored, "created_at", "updated_at", "validation_status",
                             "validation_errors"}  # fmt: skip
@@ -149,6 +152,7 @@ async def test_get_unknown_graph_is_404_and_listing_hides_secret_values(
     assert (aa["name"], zz["name"]) == ("aa", "zz")
     assert set(zz) == {
         "_id",
+        "timeout",
         "name",
         "namespace",
         "nodes",

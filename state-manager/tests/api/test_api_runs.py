@@ -21,6 +21,7 @@ STATUSES = (
     "NEXT_CREATED_ERROR",
     "PRUNED",
     "RETRY_CREATED",
+    "CANCELLED",
 )
 ALL_ZERO = dict.fromkeys(STATUSES, 0)
 
@@ -198,6 +199,7 @@ async def test_run_graph_structure(client: httpx.AsyncClient) -> None:
         "node_count",
         "edge_count",
         "execution_summary",
+        "status",
     }
     assert view["graph_name"] == "g"
     nodes = {n["id"]: n for n in view["nodes"]}
@@ -264,6 +266,7 @@ async def test_run_graph_structure(client: httpx.AsyncClient) -> None:
         "node_count": 0,
         "edge_count": 0,
         "execution_summary": ALL_ZERO,
+        "status": None,
     }
     assert await api.run_graph(str(uuid.uuid4())) == empty
     assert await api.run_graph("not-a-uuid") == empty

@@ -208,6 +208,7 @@ async def test_manual_retry_of_finished_states(
         "NEXT_CREATED_ERROR": 0,
         "PRUNED": 0,
         "RETRY_CREATED": 2,
+        "CANCELLED": 0,
     }
 
 

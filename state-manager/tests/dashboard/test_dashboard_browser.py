@@ -127,6 +127,35 @@ def test_node_details_and_retry_from_the_page(signed_in: Page, dash: Dash) -> No
     assert dash.run(run_id)["status"] == "SUCCESS"
 
 
+def test_cancel_a_run_from_its_page(signed_in: Page, dash: Dash) -> None:
+    page = signed_in
+    gate = dash.gate("cancel-open")
+    run_id = dash.trigger("live", count="2", gate=str(gate))
+    page.goto(dash.run_url(run_id))
+    expect(_dots(page, "hold", "QUEUED")).to_have_count(2, timeout=30_000)
+    cancel_url = dash.url(f"/dashboard/namespaces/{dash.namespace}/runs/{run_id}/cancel")
+    # Signed in, but without the page's CSRF token: refused, and nothing is cancelled.
+    forged = page.request.post(cancel_url, form={"csrf_token": "guessed"}, max_redirects=0)
+    assert forged.status == 403, forged.status
+    assert dash.run(run_id)["status"] == "PENDING"
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel-button").click()
+    expect(page.locator("main")).to_have_attribute("data-run-status", "CANCELLED")
+    expect(page.locator(".tile-status .badge")).to_have_text("CANCELLED")
+    expect(_dots(page, "hold", "CANCELLED")).to_have_count(2)
+    expect(page.locator("#cancel-button")).to_have_count(0)  # only a run in flight has it
+    expect(page.locator('.tile[data-status="CANCELLED"] .tile-count')).to_have_text("2")
+    assert dash.run(run_id)["status"] == "CANCELLED"
+    gate.touch()  # the worker finishes, is refused, and frees its slots
+    _dots(page, "hold", "CANCELLED").first.click()
+    expect(page.locator("#state-details h2 .badge")).to_have_text("CANCELLED")
+    expect(page.locator("#retry-button")).to_have_count(0)  # nothing restarts in it
+    # The worker's late reports changed nothing.
+    time.sleep(0.5)
+    assert {s["status"] for s in dash.states(run_id)} == {"SUCCESS", "CANCELLED"}
+
+
 def test_trigger_a_run_from_the_graph_page(signed_in: Page, dash: Dash) -> None:
     page = signed_in
     page.goto(dash.url(f"/dashboard/namespaces/{dash.namespace}/graphs/live"))

@@ -187,6 +187,43 @@ async def test_actions_need_the_session_its_csrf_token_and_our_origin(
     assert again.status_code == 400 and "already retried" in again.text
 
 
+async def test_cancel_needs_the_csrf_token_and_a_run_in_flight(
+    signed_in: Visitor, client: httpx.AsyncClient
+) -> None:
+    api = Api(client, NS)
+    await api.register(node("Timed"))
+    await api.create_graph("timed", {"nodes": [template_node("Timed", "t", NS)], "timeout": 90})
+    run_id = await api.trigger("timed")
+    state = await api.claim_one("Timed")
+    page = await signed_in.page(
+        f"/dashboard/namespaces/{NS}/runs/{run_id}?state={state['state_id']}"
+    )
+    assert 'id="cancel-button"' in page.text
+    assert re.search(r'id="state-timeout">90 s after its claim<', page.text), page.text
+    path = f"/dashboard/namespaces/{NS}/runs/{run_id}/cancel"
+    for refused in (
+        await signed_in.post(path, {}),
+        await signed_in.post(path, {"csrf_token": signed_in.csrf}, Origin="http://evil.example"),
+    ):
+        assert refused.status_code == 403, refused.text
+    assert (await api.run_summary(run_id))["status"] == "PENDING"
+    accepted = await signed_in.post(path, {"csrf_token": signed_in.csrf})
+    assert accepted.status_code == 303, accepted.text
+    assert accepted.headers["location"] == f"/dashboard/namespaces/{NS}/runs/{run_id}"
+    assert (await api.run_summary(run_id))["status"] == "CANCELLED"
+    page = await signed_in.page(accepted.headers["location"])
+    assert 'data-run-status="CANCELLED"' in page.text
+    assert 'id="cancel-button"' not in page.text
+    # Twice is harmless; a finished run is an error page that says why.
+    again = await signed_in.post(path, {"csrf_token": signed_in.csrf})
+    assert again.status_code == 303, again.text
+    finished, _ = await _failed_run(client)
+    refused = await signed_in.post(
+        f"/dashboard/namespaces/{NS}/runs/{finished}/cancel", {"csrf_token": signed_in.csrf}
+    )
+    assert refused.status_code == 409 and "already finished (FAILED)" in refused.text
+
+
 async def test_forged_expired_and_rotated_sessions_are_refused(
     visitor: Visitor, server: RunningServer
 ) -> None:

@@ -64,6 +64,7 @@ def test_production_defaults() -> None:
         ({"TRIGGER_RETENTION_HOURS": "0"}, "at least 1"),
         ({"DASHBOARD_SESSION_HOURS": "0"}, "DASHBOARD_SESSION_HOURS must be at least 1"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"LEASE_CHECK_MS": "5"}, "LEASE_CHECK_MS must be at least 10"),
         ({"EXOSPHERE_RETENTION_DAYS": "-1"}, "EXOSPHERE_RETENTION_DAYS must be at least 0"),
         ({"EXOSPHERE_IDEMPOTENCY_TTL_SECONDS": "0"}, "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS"),
         ({"EXOSPHERE_RETENTION_BATCH_RUNS": "0"}, "EXOSPHERE_RETENTION_BATCH_RUNS"),
@@ -83,6 +84,8 @@ def test_numeric_settings_are_read() -> None:
     )
     assert production().dashboard_session_hours == 12
     assert production(DASHBOARD_SESSION_HOURS="2").dashboard_session_hours == 2
+    assert production().lease_check_ms == 5000
+    assert production(LEASE_CHECK_MS="100").lease_check_ms == 100
     retention = production(
         EXOSPHERE_RETENTION_DAYS="30",
         EXOSPHERE_IDEMPOTENCY_TTL_SECONDS="60",

@@ -390,6 +390,7 @@ async def apply_one(
             retry_policy=graph_.retry_policy,
             store_config=graph_.store_config,
             triggers=graph_.triggers,
+            timeout=graph_.timeout,
             validation_timeout=timeout_s,
             polling_interval=VALIDATION_POLL_INTERVAL,
         )
@@ -747,6 +748,36 @@ async def run_show(session: Session, run_id: str, state_id: str | None) -> ExitC
     out.line()
     for line in run_tree(view, paint_status):
         out.line(line)
+    return ExitCode.OK
+
+
+@run.command(
+    "cancel",
+    epilog=example("exosphere run cancel RUN_ID", "exosphere run cancel RUN_ID -o json"),
+)
+@click.argument("run_id")
+@server_command
+async def run_cancel(session: Session, run_id: str) -> ExitCode:
+    """Cancel a run: its pending states never start, and the states being executed are
+    refused when their workers report them. Cancelling a cancelled run again succeeds
+    the same way; a finished run cannot be cancelled (exit 1, HTTP 409)."""
+    client = session.client()
+    answer = await client.cancel_run(run_id)
+    out = session.out
+    document: dict[str, Any] = {
+        "run_id": str(answer.get("run_id", run_id)),
+        "namespace": client.namespace,
+        "status": str(answer.get("status", "CANCELLED")),
+        "cancelled_at": answer.get("cancelled_at"),
+        "cancelled_states": answer.get("cancelled_states"),
+    }
+    if out.json_mode:
+        out.data(document)
+        return ExitCode.OK
+    out.line(
+        f"run {document['run_id']} {paint_status(str(document['status']))} "
+        f"({document['cancelled_states']} state(s) cancelled)"
+    )
     return ExitCode.OK
 
 

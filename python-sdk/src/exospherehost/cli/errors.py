@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
     """The command did what it was asked; a waited-for run ended SUCCESS."""
     FAILED = 1
     """The command failed: the server was unreachable or refused the request, a graph is
-    invalid, a waited-for run ended FAILED."""
+    invalid, a waited-for run ended FAILED or CANCELLED."""
     USAGE = 2
     """The command line is wrong (unknown option, missing argument or setting)."""
     TIMEOUT = 3

@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..models import (
+    MAX_TIMEOUT_SECONDS,
     CronTrigger,
     GraphNodeModel,
     RetryPolicyModel,
@@ -153,6 +154,13 @@ class GraphFile(BaseModel):
     store_config: FileStoreConfig | None = Field(default=None, description="Run store keys")
     retry_policy: FileRetryPolicy | None = Field(default=None, description="Retry policy")
     triggers: list[FileTrigger] = Field(default_factory=list, description="Cron schedules")
+    timeout: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Default timeout (seconds) of nodes without their own: a state running "
+        "longer is taken back as a failed attempt",
+    )
     nodes: list[FileNode] = Field(..., min_length=1, description="The nodes of the graph")
 
     @field_validator("name")
@@ -334,6 +342,7 @@ class ResolvedGraph:
     retry_policy: RetryPolicyModel | None
     store_config: StoreConfigModel | None
     triggers: list[CronTrigger] | None
+    timeout: int | None = None
 
 
 def resolve(
@@ -390,6 +399,7 @@ def resolve(
             inputs=dict(node.inputs),
             next_nodes=node.next_nodes,
             unites=UnitesModel.model_validate(node.unites.model_dump()) if node.unites else None,
+            timeout=node.timeout,
         )
         for node in graph.nodes
     ]
@@ -410,6 +420,7 @@ def resolve(
             else None
         ),
         triggers=[CronTrigger(expression=t.cron) for t in graph.triggers] or None,
+        timeout=graph.timeout,
     )
 
 
@@ -446,6 +457,8 @@ def from_template(name: str, namespace: str, template: Mapping[str, Any]) -> Gra
     ]
     if triggers:
         data["triggers"] = triggers
+    if template.get("timeout") is not None:
+        data["timeout"] = template["timeout"]
     data["nodes"] = [_file_node(node, namespace) for node in template.get("nodes") or []]
     return GraphFile.model_validate(data)
 
@@ -460,6 +473,8 @@ def _file_node(node: Mapping[str, Any], namespace: str) -> dict[str, Any]:
     unites = node.get("unites")
     if unites:
         out["unites"] = {"identifier": unites["identifier"], "strategy": unites["strategy"]}
+    if node.get("timeout") is not None:
+        out["timeout"] = node["timeout"]
     return out
 
 
@@ -467,13 +482,13 @@ def to_data(graph: GraphFile) -> dict[str, Any]:
     """The file as plain data, in the order a person reads it, defaults left out."""
     data = graph.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     order = ["$schema", "name", "namespace", "secrets", "store_config", "retry_policy"]
-    order += ["triggers", "nodes"]
+    order += ["triggers", "timeout", "nodes"]
     data["nodes"] = [_node_data(node) for node in data.get("nodes", [])]
     return {key: data[key] for key in order if key in data}
 
 
 def _node_data(node: dict[str, Any]) -> dict[str, Any]:
-    order = ["identifier", "node_name", "namespace", "inputs", "next_nodes", "unites"]
+    order = ["identifier", "node_name", "namespace", "inputs", "next_nodes", "unites", "timeout"]
     return {key: node[key] for key in order if key in node}
 
 

@@ -52,6 +52,7 @@ _COLOURS = {
     "INVALID": "red",
     "REJECTED": "red",
     "TIMEOUT": "red",
+    "CANCELLED": "magenta",
 }
 
 Paint = Callable[[str], str]

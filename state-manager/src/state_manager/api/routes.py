@@ -132,6 +132,7 @@ def _graph_fields(template: TemplateRow) -> dict[str, Any]:
         "retry_policy": spec.retry_policy,
         "store_config": spec.store_config,
         "triggers": spec.triggers,
+        "timeout": spec.timeout,
         "created_at": iso(template.created_at),
         "updated_at": iso(template.updated_at),
         "validation_status": template.validation_status,
@@ -151,6 +152,7 @@ async def upsert_graph(
         retry_policy=body.retry_policy,
         store_config=body.store_config,
         triggers=body.triggers,
+        timeout=body.timeout,
     )
     template = await graphs.upsert_graph(ctx, namespace_name, graph_name, spec, body.secrets)
     return schemas.GraphResponse(**_graph_fields(template))
@@ -333,9 +335,9 @@ def _report_op(namespace: str, report: schemas.Report) -> StateOp[Any]:
 
 def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
     """The answer the report's own route would have given, as a ``ReportResult``."""
-    status, body, detail = 200, None, None
+    status, body, detail, code = 200, None, None, None
     if isinstance(outcome, StateManagerError):
-        status, detail = outcome.status_code, outcome.detail
+        status, detail, code = outcome.status_code, outcome.detail, outcome.code
     elif isinstance(outcome, BaseException):
         logger.error("report of state %s failed", report.state_id, exc_info=outcome)
         status, detail = 500, INTERNAL_ERROR
@@ -349,7 +351,10 @@ def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
         body = {"enqueue_after": outcome, "status": "CREATED"}
     else:
         body = {"lease_expires_at": outcome}
-    return {"state_id": report.state_id, "status_code": status, "body": body, "detail": detail}
+    result = {"state_id": report.state_id, "status_code": status, "body": body, "detail": detail}
+    if code is not None:
+        result["code"] = code
+    return result
 
 
 @ns.post("/state/{state_id}/executed", tags=["states"], responses=NOT_FOUND)
@@ -454,6 +459,30 @@ async def run_summary(
     )
 
 
+@ns.post(
+    "/run/{run_id}/cancel",
+    tags=["runs"],
+    responses={
+        404: {"model": schemas.ErrorResponse, "description": "No such run in the namespace"},
+        409: {"model": schemas.ErrorResponse, "description": "The run already finished"},
+    },
+)
+async def cancel_run(
+    namespace_name: Namespace, run_id: RunId, ctx: ContextDep
+) -> schemas.CancelRunResponse:
+    """Extension: cancel a run. Its pending states become CANCELLED and never start; its
+    states being executed are refused (409, code ``run_cancelled``) on their next report
+    or heartbeat. Cancelling a cancelled run answers the same again; a finished run is a
+    409."""
+    cancelled = await runs.cancel(ctx, namespace_name, run_id)
+    return schemas.CancelRunResponse(
+        run_id=cancelled.run_id,
+        namespace=namespace_name,
+        cancelled_at=iso(cancelled.cancelled_at),
+        cancelled_states=cancelled.cancelled_states,
+    )
+
+
 def _graph_node(state: GraphStateRow) -> schemas.GraphNode:
     return schemas.GraphNode(
         id=state.id,
@@ -469,7 +498,7 @@ def _graph_node(state: GraphStateRow) -> schemas.GraphNode:
 async def run_graph(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep
 ) -> schemas.RunGraphResponse:
-    found = await runs.run_graph_states(ctx, namespace_name, run_id)
+    found, run_status = await runs.run_graph_states(ctx, namespace_name, run_id)
     ids = {s.id for s in found}
     edges = [
         schemas.GraphEdge(source=list(s.parents.values())[-1], target=s.id)
@@ -485,6 +514,7 @@ async def run_graph(
         node_count=len(nodes),
         edge_count=len(edges),
         execution_summary=runs.summary_of(found),
+        status=run_status,
     )
 
 

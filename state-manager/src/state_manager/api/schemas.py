@@ -15,6 +15,7 @@ from state_manager.domain.models import (
     RunStatus,
     StateStatus,
     StoreConfig,
+    TimeoutSeconds,
     Trigger,
     ValidationStatus,
 )
@@ -82,6 +83,10 @@ class UpsertGraphRequest(Body):
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     store_config: StoreConfig = Field(default_factory=StoreConfig)
     triggers: list[Trigger] = Field(default_factory=list)
+    timeout: TimeoutSeconds | None = Field(
+        default=None,
+        description="Extension: default timeout (seconds) of nodes without their own.",
+    )
 
 
 class GraphResponse(BaseModel):
@@ -90,6 +95,7 @@ class GraphResponse(BaseModel):
     retry_policy: RetryPolicy
     store_config: StoreConfig
     triggers: list[Trigger]
+    timeout: int | None = None
     created_at: str
     updated_at: str
     validation_status: ValidationStatus
@@ -165,6 +171,21 @@ class RunListItem(BaseModel):
     created_at: str
 
 
+class CancelRunResponse(BaseModel):
+    """Extension: a cancelled run (the same answer however often it is cancelled)."""
+
+    run_id: str
+    namespace: str
+    status: RunStatus = RunStatus.CANCELLED
+    cancelled_at: str
+    cancelled_states: int = Field(description="States of the run that are CANCELLED.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    code: str | None = None
+
+
 class RunSummaryResponse(RunListItem):
     """One run (an extension of the v0 API): the listing's fields plus counts per status."""
 
@@ -204,6 +225,11 @@ class RunGraphResponse(BaseModel):
     node_count: int
     edge_count: int
     execution_summary: dict[str, int]
+    status: RunStatus | None = Field(
+        default=None,
+        description="Extension: the run's status (CANCELLED once cancelled); null for an "
+        "unknown run.",
+    )
 
 
 class NodeRunDetails(BaseModel):
@@ -357,6 +383,10 @@ class ReportResult(BaseModel):
     status_code: int
     body: dict[str, Any] | None = None
     detail: str | None = None
+    code: str | None = Field(
+        default=None,
+        description="Extension: a stable name of the refusal, e.g. run_cancelled.",
+    )
 
 
 class ExchangeResponse(BaseModel):

@@ -55,7 +55,7 @@ def start(ctx: Context) -> list[asyncio.Task[None]]:
     async def expire() -> float:
         while await states.expire_leases(ctx) > 0:
             pass
-        return 5.0
+        return ctx.settings.lease_check_ms / 1000
 
     async def purge() -> float:
         await runs.purge_expired_triggers(ctx)

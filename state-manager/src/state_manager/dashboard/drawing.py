@@ -25,6 +25,7 @@ STATUS_ORDER = (
     StateStatus.QUEUED,
     StateStatus.CREATED,
     StateStatus.RETRY_CREATED,
+    StateStatus.CANCELLED,
     StateStatus.NEXT_CREATED_ERROR,
     StateStatus.ERRORED,
 )

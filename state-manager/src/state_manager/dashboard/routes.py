@@ -345,6 +345,14 @@ async def retry_state(
     return RedirectResponse(run_url(namespace, run_id, state=new_id), status_code=303)
 
 
+@router.post("/namespaces/{namespace}/runs/{run_id}/cancel")
+async def cancel_run(
+    namespace: Namespace, run_id: RunId, _form: FormDep, ctx: ContextDep
+) -> Response:
+    await views.cancel(ctx, namespace, run_id)
+    return RedirectResponse(run_url(namespace, run_id), status_code=303)
+
+
 # -- graph templates ----------------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
+from state_manager.domain.timeouts import MAX_TIMEOUT_SECONDS
+
 RESERVED_IDENTIFIER = "store"
 # Names end up in indexed columns; PostgreSQL cannot index arbitrarily long text.
 NAME_MAX_LENGTH = 255
@@ -28,6 +30,17 @@ NAME_MAX_LENGTH = 255
 MAX_DELAY_MS = 10 * 365 * 24 * 3_600_000
 
 Name = Annotated[str, StringConstraints(max_length=NAME_MAX_LENGTH)]
+# A timeout in whole seconds (a boolean or a string is refused), at most seven days.
+TimeoutSeconds = Annotated[
+    int,
+    Field(
+        strict=True,
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Seconds a claimed state may run before it is taken back as a failed "
+        f"attempt (1 to {MAX_TIMEOUT_SECONDS}).",
+    ),
+]
 
 # Patterns for the OpenAPI schema that mirror rules the validators below apply (the
 # validators give the messages; the patterns tell clients and schema-driven tools).
@@ -58,6 +71,7 @@ class StateStatus(StrEnum):
     NEXT_CREATED_ERROR = "NEXT_CREATED_ERROR"
     PRUNED = "PRUNED"
     RETRY_CREATED = "RETRY_CREATED"
+    CANCELLED = "CANCELLED"  # its run was cancelled before it finished
 
 
 class ValidationStatus(StrEnum):
@@ -88,6 +102,7 @@ class RunStatus(StrEnum):
     SUCCESS = "SUCCESS"
     PENDING = "PENDING"
     FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
 
 # A run is PENDING while one of its states has one of these statuses, and finished
@@ -142,6 +157,7 @@ class NodeTemplate(BaseModel):
         | None
     ) = None
     unites: Unites | None = None
+    timeout: TimeoutSeconds | None = None
 
     @field_validator("node_name")
     @classmethod
@@ -270,6 +286,7 @@ class GraphSpec(BaseModel):
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     store_config: StoreConfig = Field(default_factory=StoreConfig)
     triggers: list[Trigger] = Field(default_factory=list)
+    timeout: TimeoutSeconds | None = None  # default of nodes without their own
 
     def node(self, identifier: str) -> NodeTemplate | None:
         for node in self.nodes:

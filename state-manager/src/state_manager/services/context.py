@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from state_manager.crypto import SecretBox
 from state_manager.domain import graph as graph_rules
-from state_manager.domain import templating
+from state_manager.domain import templating, timeouts
 from state_manager.domain.models import GraphSpec, NodeTemplate
 from state_manager.errors import NotFound
 from state_manager.metrics import Metrics
@@ -116,6 +116,10 @@ class CompiledGraph:
                 if name in node.inputs
             }
         return parsed
+
+    def timeout_ms(self, identifier: str) -> int | None:
+        """The timeout (ms) of new states of ``identifier``: the node's, else the graph's."""
+        return timeouts.timeout_ms(self.node(identifier).timeout, self.spec.timeout)
 
     def node(self, identifier: str) -> NodeTemplate:
         try:

@@ -127,3 +127,22 @@ class Claim(Op[list[ClaimedRow]]):
     namespace: str
     node_names: tuple[str, ...]
     limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """A cancelled run: when it was cancelled and how many of its states were."""
+
+    run_id: str
+    cancelled_at: int
+    cancelled_states: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRun(Op[Cancelled]):
+    """Cancel a run of ``namespace``: its pending states become CANCELLED and never
+    start, and its states being executed are refused on their next report. Cancelling
+    a cancelled run answers as the first time did; a finished run is a 409."""
+
+    namespace: str
+    run_id: str

@@ -47,8 +47,10 @@ def state_row(
     error: str | None = None,
     group_id: str | None = None,
     state_id: str | None = None,
+    timeout_ms: int | None = None,
 ) -> dict[str, Any]:
-    """A complete row for a new state."""
+    """A complete row for a new state (``timeout_ms``: its node's, see
+    :meth:`CompiledGraph.timeout_ms`)."""
     state_id = state_id or new_object_id()
     does_unites = node.unites is not None
     row: dict[str, Any] = {
@@ -76,6 +78,7 @@ def state_row(
         "claimed_at": None,
         "created_at": now,
         "updated_at": now,
+        "timeout_ms": timeout_ms,
     }
     if does_unites:
         row["state_fingerprint"] = fingerprint(
@@ -109,6 +112,7 @@ def derived_row(
         parents=state.parents,
         groups=state.groups,
         now=now,
+        timeout_ms=graph.timeout_ms(state.identifier),
         **overrides,
     )
 
@@ -276,6 +280,7 @@ async def _uniting_row(
         now=now,
         status=status,
         error=error,
+        timeout_ms=graph.timeout_ms(uniting.identifier),
     )
 
 
@@ -319,6 +324,7 @@ def successor_rows(
                 parents=parents,
                 groups=groups,
                 now=now,
+                timeout_ms=graph.timeout_ms(successor_id),
             )
         )
     return rows

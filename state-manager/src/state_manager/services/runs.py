@@ -22,7 +22,7 @@ from state_manager.domain.models import (
 from state_manager.errors import InvalidRequest, NotFound, StateManagerError
 from state_manager.services import writes
 from state_manager.services.context import Context
-from state_manager.services.ops import RunRequest, Trigger
+from state_manager.services.ops import Cancelled, CancelRun, RunRequest, Trigger
 from state_manager.store.queries import GraphStateRow, StateRow
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,11 @@ async def trigger_many(
     if len(keys) != len(set(keys)):
         raise InvalidRequest("Each run of a request needs its own idempotency key")
     return await ctx.committer.submit(Trigger(namespace, graph_name, tuple(runs), source))
+
+
+async def cancel(ctx: Context, namespace: str, run_id: str) -> Cancelled:
+    """Cancel a run (see :class:`CancelRun`): 404 unknown, 409 finished, idempotent."""
+    return await ctx.committer.submit(CancelRun(namespace, run_id))
 
 
 # -- cron ---------------------------------------------------------------------------
@@ -239,6 +244,7 @@ class RunSummary:
     graph_name: str
     created_at: int
     counts: dict[str, int]
+    cancelled_at: int | None = None
 
     def count(self, *statuses: StateStatus) -> int:
         return sum(self.counts.get(s.value, 0) for s in statuses)
@@ -265,6 +271,8 @@ class RunSummary:
 
     @property
     def status(self) -> RunStatus:
+        if self.cancelled_at is not None:
+            return RunStatus.CANCELLED
         if self.pending_count > 0:
             return RunStatus.PENDING
         if self.errored_count > 0 or self.total_count == 0:
@@ -285,6 +293,7 @@ async def list_runs(
             graph_name=row["graph_name"],
             created_at=row["created_at"],
             counts=counts[row["run_id"]],
+            cancelled_at=row["cancelled_at"],
         )
         for row in rows
     ]
@@ -302,12 +311,24 @@ async def run_summary(ctx: Context, namespace: str, run_id: str) -> RunSummary:
         graph_name=run["graph_name"],
         created_at=run["created_at"],
         counts=counts[run_id],
+        cancelled_at=run["cancelled_at"],
     )
 
 
-async def run_graph_states(ctx: Context, namespace: str, run_id: str) -> list[GraphStateRow]:
+async def run_graph_states(
+    ctx: Context, namespace: str, run_id: str
+) -> tuple[list[GraphStateRow], RunStatus | None]:
+    """A run's states without payloads, and the run's status (``None``: no such run)."""
     async with ctx.db.read() as tx:
-        return await tx.run_graph_states(run_id, namespace)
+        found = await tx.run_graph_states(run_id, namespace)
+        run = await tx.get_run(run_id)
+    if run is None or run["namespace"] != namespace:
+        return found, None
+    counts: dict[str, int] = {}
+    for state in found:
+        counts[state.status] = counts.get(state.status, 0) + 1
+    summary = RunSummary(run_id, run["graph_name"], run["created_at"], counts, run["cancelled_at"])
+    return found, summary.status
 
 
 async def node_details(

@@ -216,7 +216,7 @@ class StateDetails:
     attempts: list[StateBrief]
     registration: Registration | None  # of the state's node, to explain a wait
     now: int
-    retryable: bool  # finished and not already retried
+    retryable: bool  # finished, not already retried, and its run not cancelled
 
 
 async def state_details(
@@ -227,13 +227,17 @@ async def state_details(
     async with ctx.db.read() as tx:
         attempts = await tx.state_attempts(state, ATTEMPTS_SHOWN)
         registration = await _registration(tx, namespace, state.node_name)
+        run = await tx.get_run(run_id)
     status = StateStatus(state.status)
+    cancelled = run is not None and run["cancelled_at"] is not None
     return StateDetails(
         state=state,
         attempts=attempts,
         registration=registration,
         now=ctx.clock(),
-        retryable=status in TERMINAL_STATUSES and status is not StateStatus.RETRY_CREATED,
+        retryable=status in TERMINAL_STATUSES
+        and status is not StateStatus.RETRY_CREATED
+        and not cancelled,  # nothing starts again in a cancelled run
     )
 
 
@@ -252,6 +256,11 @@ async def trigger(
     return await runs.trigger(
         ctx, namespace, graph_name, store, inputs, start_delay, source="dashboard"
     )
+
+
+async def cancel(ctx: Context, namespace: str, run_id: str) -> None:
+    """Cancel a run (404 unknown, 409 finished; cancelling twice is harmless)."""
+    await runs.cancel(ctx, namespace, run_id)
 
 
 async def retry(ctx: Context, namespace: str, state_id: str) -> str:

@@ -3,7 +3,8 @@
 The committer hands :func:`run_batch` every operation queued at one moment. They take
 effect as if applied one after the other in this order: changes to existing states
 (reports, signals, heartbeats, manual retries, expired leases), then new runs, then
-claims, so a claim already sees the states that the reports of its batch created. Each
+run cancellations, then claims, so a claim already sees the states that the reports of
+its batch created, and a cancellation catches them too. Each
 operation gets its own outcome: a value, or the domain error a client would get had it
 been alone. A refused operation writes nothing, so refusals never undo the others.
 
@@ -25,13 +26,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from state_manager.domain import retry as retry_rules
-from state_manager.domain import templating
+from state_manager.domain import templating, timeouts
+from state_manager.domain.buckets import PENDING_STATUSES
 from state_manager.domain.ids import is_object_id
 from state_manager.domain.models import StateStatus, ValidationStatus
 from state_manager.domain.transitions import ALREADY_RETRIED, refusal
-from state_manager.errors import Conflict, InvalidRequest, NotFound, StateManagerError
+from state_manager.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    RunCancelled,
+    StateManagerError,
+)
 from state_manager.services.context import CompiledGraph, Context, retry_transient
 from state_manager.services.ops import (
+    Cancelled,
+    CancelRun,
     Claim,
     Errored,
     ErroredResult,
@@ -130,9 +140,22 @@ class _Batch:
             await self._start_runs(tx, triggers, outcomes)
         await self.write(tx)
         for index, op in enumerate(ops):
+            if isinstance(op, CancelRun):
+                try:
+                    outcomes[index] = await self._cancel(tx, op)
+                except StateManagerError as exc:
+                    outcomes[index] = exc
+        for index, op in enumerate(ops):
             if isinstance(op, Claim):
                 outcomes[index] = await self._claim(tx, op)
         return outcomes
+
+    def lease_until(self, claimed_at: int, timeout_ms: int | None) -> int:
+        """When the lease of a state claimed at ``claimed_at`` ends if granted or renewed
+        now. Every path that claims a state or renews its lease uses this one rule
+        (:func:`state_manager.domain.timeouts.lease_until`)."""
+        lease_ms = self.ctx.settings.lease_seconds * 1000
+        return timeouts.lease_until(self.now, lease_ms, claimed_at, timeout_ms)
 
     async def write(self, tx: Tx) -> None:
         """Write everything gathered, then settle the fan-in groups it touched."""
@@ -153,11 +176,15 @@ class _Batch:
     ) -> None:
         ids = [op.state_id.lower() for _, op in items if is_object_id(op.state_id)]
         found = await tx.lock_states(ids)
+        cancelled = await tx.cancelled_runs(s.run_id for s in found.values())
         accepted: list[_Accepted] = []
         for index, op in items:
             state = found.get(op.state_id.lower()) if is_object_id(op.state_id) else None
             if state is None or op.namespace not in (None, state.namespace):
                 outcomes[index] = False if isinstance(op, LeaseExpired) else _not_found()
+                continue
+            if state.run_id in cancelled:
+                outcomes[index] = self._refuse_cancelled(state, op)
                 continue
             problem = refusal(op.change, StateStatus(state.status))
             if isinstance(op, LeaseExpired):
@@ -181,8 +208,12 @@ class _Batch:
                 outcomes[item.index] = self._fail(state, op.error)
                 self._count_report(state, "errored")
             elif isinstance(op, LeaseExpired):
-                seconds = self.ctx.settings.lease_seconds
-                self._fail(state, f"Lease expired: no report within {seconds} s")
+                if timeouts.timed_out(self.now, state.claimed_at, state.timeout_ms):
+                    assert state.timeout_ms is not None
+                    error = timeouts.timeout_error(state.timeout_ms)
+                else:
+                    error = f"Lease expired: no report within {self.ctx.settings.lease_seconds} s"
+                self._fail(state, error)
                 outcomes[item.index] = True
                 self.after_commit.append(functools.partial(self._lease_expired, state))
             elif isinstance(op, Pruned):
@@ -190,11 +221,28 @@ class _Batch:
             elif isinstance(op, Requeued):
                 outcomes[item.index] = self._requeue(state, op.delay_ms)
             elif isinstance(op, Heartbeat):
-                until = self.now + self.ctx.settings.lease_seconds * 1000
+                claimed_at = self.now if state.claimed_at is None else state.claimed_at
+                until = self.lease_until(claimed_at, state.timeout_ms)
                 self.updates.append(_change(state, lease_expires_at=until))
                 outcomes[item.index] = until
             elif isinstance(op, ManualRetry):
                 await self._manual_retry(tx, item, op, outcomes)
+
+    def _refuse_cancelled(self, state: StateCore, op: StateOp[Any]) -> Any:
+        """The outcome of ``op`` on a state of a cancelled run: nothing goes on. A state
+        still pending (one a cancellation skipped while it was locked) becomes CANCELLED."""
+        if StateStatus(state.status) in PENDING_STATUSES:
+            self.updates.append(
+                _change(
+                    state,
+                    status=StateStatus.CANCELLED.value,
+                    lease_expires_at=None,
+                    updated_at=self.now,
+                )
+            )
+        if isinstance(op, LeaseExpired):
+            return StateStatus(state.status) in PENDING_STATUSES
+        return RunCancelled(state.run_id)
 
     async def _executed(self, tx: Tx, items: list[_Accepted], outcomes: list[Any]) -> None:
         """Record outputs, create fan-out siblings and every successor with its inputs."""
@@ -530,9 +578,39 @@ class _Batch:
                 groups={},
                 now=self.now,
                 enqueue_after=self.now + run.start_delay,
+                timeout_ms=graph.timeout_ms(graph.root.identifier),
             )
         )
         self.ctx.graphs.remember_runs({run_id: version_id})
+
+    # -- cancellations --------------------------------------------------------------------
+
+    async def _cancel(self, tx: Tx, op: CancelRun) -> Cancelled:
+        run = await tx.lock_run(op.run_id)
+        if run is None or run["namespace"] != op.namespace:
+            raise NotFound(f"Run {op.run_id} not found in namespace {op.namespace}")
+        if run["cancelled_at"] is None:
+            counts = (await tx.status_counts([op.run_id]))[op.run_id]
+            if not any(counts.get(status.value) for status in PENDING_STATUSES):
+                failed = counts.get(StateStatus.ERRORED.value) or counts.get(
+                    StateStatus.NEXT_CREATED_ERROR.value
+                )
+                outcome = "FAILED" if failed or not counts else "SUCCESS"
+                raise Conflict(
+                    f"Run {op.run_id} already finished ({outcome}); "
+                    "only a run in progress can be cancelled"
+                )
+            await tx.cancel_run(op.run_id, self.now)
+            cancelled_at = self.now
+            logger.info("run cancelled", extra={"run_id": op.run_id, "namespace": op.namespace})
+        else:
+            cancelled_at = int(run["cancelled_at"])
+        counts = (await tx.status_counts([op.run_id]))[op.run_id]
+        return Cancelled(
+            run_id=op.run_id,
+            cancelled_at=cancelled_at,
+            cancelled_states=counts.get(StateStatus.CANCELLED.value, 0),
+        )
 
     # -- claims -----------------------------------------------------------------------------
 
@@ -540,8 +618,16 @@ class _Batch:
         limit = min(op.limit, self.ctx.settings.max_batch_size)
         if limit <= 0 or not op.node_names:
             return []
-        lease_until = self.now + self.ctx.settings.lease_seconds * 1000
+        lease_until = self.lease_until(self.now, None)
         claimed = await tx.claim(op.namespace, op.node_names, limit, self.now, lease_until)
+        # States with a timeout shorter than the lease: their lease ends at the timeout.
+        shorter = [
+            {"id": s.id, "namespace": s.namespace, "lease_expires_at": until}
+            for s in claimed
+            if s.timeout_ms is not None
+            and (until := self.lease_until(self.now, s.timeout_ms)) != lease_until
+        ]
+        await tx.update_states(shorter)
         metrics = self.ctx.metrics.states_claimed
         for state in claimed:
             self.after_commit.append(

@@ -33,6 +33,7 @@ CLAIMED_COLUMNS = (
     "inputs",
     "enqueue_after",
     "created_at",
+    "timeout_ms",
 )
 
 

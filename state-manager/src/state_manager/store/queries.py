@@ -66,6 +66,7 @@ class StateCore:
     claimed_at: int | None
     created_at: int
     updated_at: int
+    timeout_ms: int | None
 
     @classmethod
     def columns(cls) -> list[sa.Column[Any]]:
@@ -112,6 +113,15 @@ _INSERT_STATES_UNLESS_EXIST = {
 _STORES = sa.select(store_entries).where(store_entries.c.run_id.in_(_ids()))
 _RUN_VERSIONS = sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(_ids()))
 _INSERT_RUNS = runs.insert()
+# Reports read whether their runs were cancelled, and hold the run rows (key share)
+# until they commit, so a cancellation (FOR UPDATE of the run) waits for reports in
+# flight and then sees every state they created.
+_RUNS_CANCELLED = (
+    sa.select(runs.c.run_id, runs.c.cancelled_at)
+    .where(runs.c.run_id.in_(_ids()))
+    .with_for_update(read=True, key_share=True)
+)
+_PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
 _INSERT_STORES = store_entries.insert()
 _CREATE_GROUPS = fanin_groups.insert()
 _ADJUST_GROUP = (
@@ -136,6 +146,7 @@ class ClaimedRow:
     inputs: dict[str, Any]
     enqueue_after: int
     created_at: int
+    timeout_ms: int | None
 
     @classmethod
     def columns(cls) -> list[sa.Column[Any]]:
@@ -470,6 +481,44 @@ class Tx:
             await self._execute(_INSERT_RUNS, [dict(r) for r in rows])
         if stores:
             await self._execute(_INSERT_STORES, [dict(s) for s in stores])
+
+    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
+        """Which of these runs are cancelled; holds them (key share) until commit."""
+        ids = sorted(set(run_ids))
+        if not ids:
+            return set()
+        result = await self._execute(_RUNS_CANCELLED, {"ids": ids})
+        return {row.run_id for row in result if row.cancelled_at is not None}
+
+    async def lock_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run ``run_id``, locked until the transaction ends (waits for reports in
+        flight on its states, see :meth:`cancelled_runs`)."""
+        result = await self._execute(
+            sa.select(runs).where(runs.c.run_id == run_id).with_for_update()
+        )
+        row = result.mappings().first()
+        return dict(row) if row else None
+
+    async def cancel_run(self, run_id: str, now: int) -> int:
+        """Mark the run cancelled and its pending states CANCELLED. States locked by
+        a transaction in flight are skipped; their next report finds the run cancelled.
+        Returns how many states were cancelled."""
+        await self._execute(
+            runs.update()
+            .where(runs.c.run_id == run_id, runs.c.cancelled_at.is_(None))
+            .values(cancelled_at=now)
+        )
+        pending = (
+            sa.select(states.c.id)
+            .where(states.c.run_id == run_id, states.c.status.in_(_PENDING))
+            .with_for_update(skip_locked=True)
+        )
+        result = await self._execute(
+            states.update()
+            .where(states.c.id.in_(pending.scalar_subquery()))
+            .values(status=StateStatus.CANCELLED.value, lease_expires_at=None, updated_at=now)
+        )
+        return int(result.rowcount or 0)
 
     async def count_runs(self, namespace: str) -> int:
         value = await self._scalar(

@@ -76,6 +76,7 @@ runs = sa.Table(
     sa.Column("graph_name", sa.Text, nullable=False),
     sa.Column("version_id", ID, nullable=False),
     sa.Column("created_at", MS, nullable=False),
+    sa.Column("cancelled_at", MS, nullable=True),  # set once, when the run is cancelled
     sa.Index("ix_runs_namespace_created_at", "namespace", "created_at"),
     sa.Index("ix_runs_created_at", "created_at", "run_id"),  # retention, oldest first
 )
@@ -118,6 +119,8 @@ states = sa.Table(
     sa.Column("claimed_at", MS, nullable=True),
     sa.Column("created_at", MS, nullable=False),
     sa.Column("updated_at", MS, nullable=False),
+    # The node's timeout (ms) when the state was created; NULL: the server's lease only.
+    sa.Column("timeout_ms", MS, nullable=True),
     sa.UniqueConstraint(
         "run_id", "identifier", "retry_count", "fanout_id", name="uq_states_retry_key"
     ),
