@@ -14,26 +14,17 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, Field
 
+from state_manager.api.schemas import ErrorResponse
 from state_manager.domain.models import NUL_FREE_PATTERN
 from state_manager.settings import Settings
-
-
-class ErrorResponse(BaseModel):
-    """The body of every error answer except 422 (which lists the invalid fields)."""
-
-    detail: str
-    code: str | None = Field(
-        default=None, description="A stable name of the refusal, where it has one."
-    )
-
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "The request breaks a rule the schema cannot express, or holds a NUL character.",
     401: "Missing or wrong `x-api-key`.",
     404: "No such resource in this namespace.",
-    409: "Conflicts with the current state of the resource.",
+    409: "Conflicts with the current state of the resource (`code` names some refusals, "
+    "e.g. run_cancelled).",
     413: "The request body exceeds MAX_REQUEST_BYTES, or a report creates too many states.",
     500: "An internal error, logged with the request id in `x-exosphere-request-id`.",
     503: "The database cannot serve the request now; the same request may succeed later.",

@@ -86,6 +86,8 @@ v0 = APIRouter(
 )
 ns = APIRouter(prefix="/namespace/{namespace_name}")
 NOT_FOUND = errors(404)
+# Reports, heartbeats and retries: 409 for a state of a cancelled run (code run_cancelled).
+STATE_ERRORS = errors(404, 409)
 
 
 # -- nodes and namespaces ---------------------------------------------------------
@@ -357,7 +359,7 @@ def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
     return result
 
 
-@ns.post("/state/{state_id}/executed", tags=["states"], responses=NOT_FOUND)
+@ns.post("/state/{state_id}/executed", tags=["states"], responses=STATE_ERRORS)
 async def executed_state(
     namespace_name: Namespace, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
 ) -> schemas.ExecutedResponse:
@@ -365,7 +367,7 @@ async def executed_state(
     return schemas.ExecutedResponse()
 
 
-@ns.post("/state/{state_id}/errored", tags=["states"], responses=NOT_FOUND)
+@ns.post("/state/{state_id}/errored", tags=["states"], responses=STATE_ERRORS)
 async def errored_state(
     namespace_name: Namespace, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
 ) -> schemas.ErroredResponse:
@@ -373,7 +375,7 @@ async def errored_state(
     return schemas.ErroredResponse(status=result.status, retry_created=result.retry_created)
 
 
-@ns.post("/state/{state_id}/prune", tags=["states"], responses=NOT_FOUND)
+@ns.post("/state/{state_id}/prune", tags=["states"], responses=STATE_ERRORS)
 async def prune_state(
     namespace_name: Namespace, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
 ) -> schemas.PruneResponse:
@@ -381,7 +383,7 @@ async def prune_state(
     return schemas.PruneResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"], responses=NOT_FOUND)
+@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"], responses=STATE_ERRORS)
 async def re_enqueue_after(
     namespace_name: Namespace, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
 ) -> schemas.ReEnqueueAfterResponse:
@@ -389,7 +391,7 @@ async def re_enqueue_after(
     return schemas.ReEnqueueAfterResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/manual-retry", tags=["states"], responses=errors(404, 409))
+@ns.post("/state/{state_id}/manual-retry", tags=["states"], responses=STATE_ERRORS)
 async def manual_retry(
     namespace_name: Namespace, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
 ) -> schemas.ManualRetryResponse:
@@ -397,7 +399,7 @@ async def manual_retry(
     return schemas.ManualRetryResponse(id=new_id)
 
 
-@ns.post("/state/{state_id}/heartbeat", tags=["states"], responses=NOT_FOUND)
+@ns.post("/state/{state_id}/heartbeat", tags=["states"], responses=STATE_ERRORS)
 async def heartbeat(
     namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.HeartbeatResponse:
@@ -462,10 +464,7 @@ async def run_summary(
 @ns.post(
     "/run/{run_id}/cancel",
     tags=["runs"],
-    responses={
-        404: {"model": schemas.ErrorResponse, "description": "No such run in the namespace"},
-        409: {"model": schemas.ErrorResponse, "description": "The run already finished"},
-    },
+    responses=errors(404, 409),
 )
 async def cancel_run(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep

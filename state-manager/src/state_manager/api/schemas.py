@@ -182,8 +182,12 @@ class CancelRunResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The body of every error answer except 422 (which lists the invalid fields)."""
+
     detail: str
-    code: str | None = None
+    code: str | None = Field(
+        default=None, description="A stable name of the refusal, where it has one."
+    )
 
 
 class RunSummaryResponse(RunListItem):

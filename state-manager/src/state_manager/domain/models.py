@@ -30,17 +30,6 @@ NAME_MAX_LENGTH = 255
 MAX_DELAY_MS = 10 * 365 * 24 * 3_600_000
 
 Name = Annotated[str, StringConstraints(max_length=NAME_MAX_LENGTH)]
-# A timeout in whole seconds (a boolean or a string is refused), at most seven days.
-TimeoutSeconds = Annotated[
-    int,
-    Field(
-        strict=True,
-        gt=0,
-        le=MAX_TIMEOUT_SECONDS,
-        description="Seconds a claimed state may run before it is taken back as a failed "
-        f"attempt (1 to {MAX_TIMEOUT_SECONDS}).",
-    ),
-]
 
 # Patterns for the OpenAPI schema that mirror rules the validators below apply (the
 # validators give the messages; the patterns tell clients and schema-driven tools).
@@ -60,6 +49,16 @@ def _json_integer(value: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+# A timeout in whole seconds (a boolean or a string is refused), at most seven days.
+TimeoutSeconds = Annotated[
+    JsonInt,
+    Field(
+        gt=0,
+        le=MAX_TIMEOUT_SECONDS,
+        description="Seconds a claimed state may run before it is taken back as a failed "
+        f"attempt (1 to {MAX_TIMEOUT_SECONDS}).",
+    ),
+]
 
 
 class StateStatus(StrEnum):
