@@ -149,6 +149,8 @@ class Database:
         self._batch_lock = asyncio.Lock()
         self._batch_connection: AsyncConnection | None = None
         self._batch_idle_since = 0.0
+        # Whether the kept connection is inside a transaction no statement has used yet.
+        self._batch_begun = False
         self.engine: Engine | AsyncEngine
         if self.dialect == "sqlite":
             path = make_url(self.url).database
@@ -225,33 +227,64 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def _postgres_batch(self) -> AsyncIterator[Tx]:
-        connection = self._batch_connection
-        if connection is not None and not await self._fit_for_batch(connection):
-            with contextlib.suppress(Exception):
-                await connection.invalidate()
-        if connection is None or connection.closed or connection.invalidated:
-            engine = self.engine
-            assert isinstance(engine, AsyncEngine)
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.close()
-            self._batch_connection = None
-            connection = await engine.connect()
-            self._batch_connection = connection
+        """The committer's transaction, in as few round trips as the statements need.
+
+        The kept connection is in SQLAlchemy's AUTOCOMMIT mode, so its driver adapter
+        never sends a BEGIN or COMMIT of its own; this method sends them, with the
+        wake-ups: ``pg_notify(...); COMMIT; BEGIN`` is one message, so a batch costs its
+        statements plus one round trip, and the next batch finds its transaction open.
+        A transaction opened by BEGIN alone holds no snapshot, lock or transaction id
+        (READ COMMITTED), so an idle kept connection holds nothing back. After any error
+        the connection is discarded (never returned to the pool with a transaction open).
+        """
+        connection = await self._kept_batch_connection()
         try:
+            if not self._batch_begun:
+                await _send(connection, "BEGIN")
+                self._batch_begun = True
+            # AUTOCOMMIT: SQLAlchemy's own begin and commit send nothing.
             async with connection.begin():
                 tx = Tx(connection, self.dialect)
                 yield tx
-                await self._notify(connection, tx)
+            await _send(connection, _notify_sql(tx.work_namespaces) + "COMMIT; BEGIN")
+            self._batch_begun = True
         except BaseException:
-            # Whatever went wrong (a restart, a lost connection), start the next batch on
-            # a fresh connection rather than on one in an unknown state.
-            self._batch_connection = None
-            with contextlib.suppress(Exception):
-                await connection.close()
+            # Whatever went wrong (a restart, a lost connection, a failed statement), start
+            # the next batch on a fresh connection rather than on one in an unknown state.
+            await self._discard_batch_connection()
             raise
         finally:
             self._batch_idle_since = time.monotonic()
+
+    async def _kept_batch_connection(self) -> AsyncConnection:
+        connection = self._batch_connection
+        if connection is not None and not await self._fit_for_batch(connection):
+            await self._discard_batch_connection()
+            connection = None
+        if connection is None:
+            engine = self.engine
+            assert isinstance(engine, AsyncEngine)
+            connection = await engine.connect()
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            self._batch_connection = connection
+            self._batch_begun = False
+        return connection
+
+    async def _discard_batch_connection(self) -> None:
+        """Close the kept connection for good: its open transaction dies with it."""
+        connection, self._batch_connection = self._batch_connection, None
+        self._batch_begun = False
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def batch_driver_connection(self) -> Any:
+        """The asyncpg connection the committer's batches run on (for tests to observe)."""
+        connection = await self._kept_batch_connection()
+        raw = await connection.get_raw_connection()
+        return raw.driver_connection
 
     async def _fit_for_batch(self, connection: AsyncConnection) -> bool:
         """Whether the kept connection can take the next batch. Back-to-back batches trust
@@ -428,14 +461,46 @@ class Database:
             with contextlib.suppress(Exception):
                 self._writer.close()
             self._writer = None
-        if self._batch_connection is not None:
-            with contextlib.suppress(Exception):
-                await self._batch_connection.close()
-            self._batch_connection = None
+        await self._discard_batch_connection()
         if isinstance(self.engine, AsyncEngine):
             await self.engine.dispose()
         else:
             self.engine.dispose()
+
+
+async def _send(connection: AsyncConnection, sql: str) -> None:
+    """Send parameterless SQL (several statements allowed) as one message on the asyncpg
+    connection under ``connection``; errors are raised as SQLAlchemy would raise them
+    (a ``DBAPIError``), so transient retries and 503s see one kind of error."""
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    adapter: Any = raw.dbapi_connection
+    try:
+        await driver.execute(sql)
+    except Exception as error:
+        dialect = connection.dialect
+        try:
+            # The driver adapter's own translation of asyncpg's exceptions.
+            adapter._handle_exception(error)
+        except dialect.loaded_dbapi.Error as translated:
+            lost = dialect.is_disconnect(translated, adapter, None)
+            raise DBAPIError.instance(
+                sql, None, translated, dialect.loaded_dbapi.Error, connection_invalidated=lost
+            ) from error
+        raise
+
+
+def _notify_sql(namespaces: set[str]) -> str:
+    """``SELECT pg_notify(...);`` for each namespace, values as escaped literals."""
+    return "".join(
+        f"SELECT pg_notify('{NOTIFY_CHANNEL}', {_literal(namespace)}); "
+        for namespace in sorted(namespaces)
+    )
+
+
+def _literal(text: str) -> str:
+    """``text`` as a PostgreSQL escape-string literal, whatever the server's settings."""
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _busy_timeout(connection: Connection, milliseconds: int) -> None:
