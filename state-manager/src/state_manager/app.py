@@ -8,10 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from state_manager import __version__, dashboard
+from state_manager.api import openapi
 from state_manager.api.middleware import RequestContextMiddleware
 from state_manager.api.routes import v0
 from state_manager.background import loops
@@ -25,6 +29,16 @@ from state_manager.store import open_store
 from state_manager.store.failures import DATABASE_ERRORS, unavailable
 
 logger = logging.getLogger(__name__)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class HealthResponse(BaseModel):
+    message: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    detail: str | None = None
 
 
 def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
@@ -94,16 +108,32 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     for error_type in DATABASE_ERRORS:
         app.add_exception_handler(error_type, _database_error)  # type: ignore[arg-type]
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """A 405's ``Allow`` lists every method the schema documents for the path (the
+        router alone names those of the first route that matched the path)."""
+        if exc.status_code == 405:
+            methods = openapi.allowed_methods(app.openapi(), request.url.path)
+            if methods:
+                headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+                exc = StarletteHTTPException(405, exc.detail, headers=headers)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(SecretDecryptionError)
     async def _secret_error(_request: Request, exc: SecretDecryptionError) -> JSONResponse:
         logger.error("a stored secret could not be decrypted; is SECRETS_ENCRYPTION_KEY right?")
         return JSONResponse({"detail": str(exc)}, status_code=500)
 
     @app.get("/health", tags=["operations"])
-    async def health() -> dict[str, str]:
-        return {"message": "OK"}
+    async def health() -> HealthResponse:
+        return HealthResponse(message="OK")
 
-    @app.get("/ready", tags=["operations"])
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "Not ready: `detail` says why."}},
+    )
     async def ready(request: Request) -> JSONResponse:
         context: Context | None = getattr(request.app.state, "context", None)
         problem = "starting" if context is None else await operations.readiness_problem(context)
@@ -111,13 +141,24 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
             return JSONResponse({"ready": False, "detail": problem}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format 0.0.4.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics_endpoint(request: Request) -> Response:
         await operations.sample_gauges(request.app.state.context)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     app.include_router(v0)
     dashboard.install(app, settings)
+    openapi.install(app, settings)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes
     )

@@ -251,3 +251,5 @@ def test_trigger_form_becomes_the_api_trigger_body() -> None:
         trigger_request({"more_store": "no equals sign"})
     with pytest.raises(InvalidRequest, match="start_delay"):
         trigger_request({"start_delay": "-1"})
+    with pytest.raises(InvalidRequest, match=r"start_delay: .*integer"):
+        trigger_request({"start_delay": "1.5"})

@@ -7,10 +7,22 @@ import logging
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    Header,
+    HTTPException,
+    Path,
+    Request,
+    Response,
+    Security,
+    status,
+)
+from fastapi.security import APIKeyHeader
 
 from state_manager.api import schemas
 from state_manager.api.middleware import INTERNAL_ERROR
+from state_manager.api.openapi import errors
 from state_manager.domain.models import NAME_MAX_LENGTH, GraphSpec, StateStatus
 from state_manager.errors import InvalidRequest, StateManagerError
 from state_manager.services import graphs, runs, states
@@ -39,10 +51,24 @@ Namespace = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 GraphName = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 RunId = Annotated[str, Path(max_length=NAME_MAX_LENGTH)]
 MAX_PAGE = 1_000_000_000
+# Bounds the handlers check themselves (answering 400, as the v0 API does), in the schema.
+Page = Annotated[int, Path(json_schema_extra={"minimum": 1, "maximum": MAX_PAGE})]
+PageSize = Annotated[
+    int, Path(json_schema_extra={"minimum": 1}, description="At most MAX_PAGE_SIZE.")
+]
+NodeId = Annotated[
+    str, Path(json_schema_extra={"pattern": "^[0-9a-fA-F]{24}$"}, description="A state id.")
+]
+
+api_key_header = APIKeyHeader(
+    name="x-api-key",
+    auto_error=False,
+    description="Equal to the server's STATE_MANAGER_SECRET.",
+)
 
 
 async def require_api_key(
-    request: Request, x_api_key: Annotated[str | None, Header()] = None
+    request: Request, x_api_key: Annotated[str | None, Security(api_key_header)]
 ) -> None:
     """Every /v0 route needs ``x-api-key`` equal to ``STATE_MANAGER_SECRET`` (constant time)."""
     expected: str = request.app.state.context.settings.state_manager_secret
@@ -52,8 +78,16 @@ async def require_api_key(
         raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail="Invalid API key")
 
 
-v0 = APIRouter(prefix="/v0", dependencies=[Depends(require_api_key)])
+# Every /v0 route can answer these; routes add theirs (404, 409) with ``errors``.
+v0 = APIRouter(
+    prefix="/v0",
+    dependencies=[Depends(require_api_key)],
+    responses=errors(400, 401, 413, 500, 503),
+)
 ns = APIRouter(prefix="/namespace/{namespace_name}")
+NOT_FOUND = errors(404)
+# Reports, heartbeats and retries: 409 for a state of a cancelled run (code run_cancelled).
+STATE_ERRORS = errors(404, 409)
 
 
 # -- nodes and namespaces ---------------------------------------------------------
@@ -126,7 +160,7 @@ async def upsert_graph(
     return schemas.GraphResponse(**_graph_fields(template))
 
 
-@ns.get("/graph/{graph_name}", tags=["graphs"])
+@ns.get("/graph/{graph_name}", tags=["graphs"], responses=NOT_FOUND)
 async def get_graph(
     namespace_name: Namespace, graph_name: GraphName, ctx: ContextDep
 ) -> schemas.GraphResponse:
@@ -151,6 +185,8 @@ IdempotencyKey = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=runs.IDEMPOTENCY_KEY_MAX_LENGTH,
+        # Printable ASCII, checked by the service (400).
+        json_schema_extra={"pattern": schemas.IDEMPOTENCY_KEY_PATTERN},
         description=(
             "Extension: a retry with the same key (per namespace, within "
             "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS) answers the first run's id and starts "
@@ -160,7 +196,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-@ns.post("/graph/{graph_name}/trigger", tags=["runs"])
+@ns.post("/graph/{graph_name}/trigger", tags=["runs"], responses=errors(404, 409))
 async def trigger_graph(
     namespace_name: Namespace,
     graph_name: GraphName,
@@ -180,7 +216,7 @@ async def trigger_graph(
     return schemas.TriggerResponse(run_id=run_id)
 
 
-@ns.post("/graph/{graph_name}/runs", tags=["runs"])
+@ns.post("/graph/{graph_name}/runs", tags=["runs"], responses=errors(404, 409))
 async def start_runs(
     namespace_name: Namespace,
     graph_name: GraphName,
@@ -323,7 +359,7 @@ def _report_result(report: schemas.Report, outcome: Any) -> dict[str, Any]:
     return result
 
 
-@ns.post("/state/{state_id}/executed", tags=["states"])
+@ns.post("/state/{state_id}/executed", tags=["states"], responses=STATE_ERRORS)
 async def executed_state(
     namespace_name: Namespace, state_id: str, body: schemas.ExecutedRequest, ctx: ContextDep
 ) -> schemas.ExecutedResponse:
@@ -331,7 +367,7 @@ async def executed_state(
     return schemas.ExecutedResponse()
 
 
-@ns.post("/state/{state_id}/errored", tags=["states"])
+@ns.post("/state/{state_id}/errored", tags=["states"], responses=STATE_ERRORS)
 async def errored_state(
     namespace_name: Namespace, state_id: str, body: schemas.ErroredRequest, ctx: ContextDep
 ) -> schemas.ErroredResponse:
@@ -339,7 +375,7 @@ async def errored_state(
     return schemas.ErroredResponse(status=result.status, retry_created=result.retry_created)
 
 
-@ns.post("/state/{state_id}/prune", tags=["states"])
+@ns.post("/state/{state_id}/prune", tags=["states"], responses=STATE_ERRORS)
 async def prune_state(
     namespace_name: Namespace, state_id: str, body: schemas.PruneRequest, ctx: ContextDep
 ) -> schemas.PruneResponse:
@@ -347,7 +383,7 @@ async def prune_state(
     return schemas.PruneResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"])
+@ns.post("/state/{state_id}/re-enqueue-after", tags=["states"], responses=STATE_ERRORS)
 async def re_enqueue_after(
     namespace_name: Namespace, state_id: str, body: schemas.ReEnqueueAfterRequest, ctx: ContextDep
 ) -> schemas.ReEnqueueAfterResponse:
@@ -355,7 +391,7 @@ async def re_enqueue_after(
     return schemas.ReEnqueueAfterResponse(enqueue_after=enqueue_after)
 
 
-@ns.post("/state/{state_id}/manual-retry", tags=["states"])
+@ns.post("/state/{state_id}/manual-retry", tags=["states"], responses=STATE_ERRORS)
 async def manual_retry(
     namespace_name: Namespace, state_id: str, body: schemas.ManualRetryRequest, ctx: ContextDep
 ) -> schemas.ManualRetryResponse:
@@ -363,7 +399,7 @@ async def manual_retry(
     return schemas.ManualRetryResponse(id=new_id)
 
 
-@ns.post("/state/{state_id}/heartbeat", tags=["states"])
+@ns.post("/state/{state_id}/heartbeat", tags=["states"], responses=STATE_ERRORS)
 async def heartbeat(
     namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.HeartbeatResponse:
@@ -371,7 +407,7 @@ async def heartbeat(
     return schemas.HeartbeatResponse(lease_expires_at=until)
 
 
-@ns.get("/state/{state_id}/secrets", tags=["states"])
+@ns.get("/state/{state_id}/secrets", tags=["states"], responses=NOT_FOUND)
 async def get_secrets(
     namespace_name: Namespace, state_id: str, ctx: ContextDep
 ) -> schemas.SecretsResponse:
@@ -383,7 +419,7 @@ async def get_secrets(
 
 @ns.get("/runs/{page}/{size}", tags=["runs"])
 async def list_runs(
-    namespace_name: Namespace, page: int, size: int, ctx: ContextDep
+    namespace_name: Namespace, page: Page, size: PageSize, ctx: ContextDep
 ) -> schemas.RunsResponse:
     if not 1 <= page <= MAX_PAGE:
         raise InvalidRequest(f"page must be between 1 and {MAX_PAGE}")
@@ -413,7 +449,7 @@ def _run_fields(summary: runs.RunSummary) -> dict[str, Any]:
     }
 
 
-@ns.get("/run/{run_id}", tags=["runs"])
+@ns.get("/run/{run_id}", tags=["runs"], responses=NOT_FOUND)
 async def run_summary(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep
 ) -> schemas.RunSummaryResponse:
@@ -428,10 +464,7 @@ async def run_summary(
 @ns.post(
     "/run/{run_id}/cancel",
     tags=["runs"],
-    responses={
-        404: {"model": schemas.ErrorResponse, "description": "No such run in the namespace"},
-        409: {"model": schemas.ErrorResponse, "description": "The run already finished"},
-    },
+    responses=errors(404, 409),
 )
 async def cancel_run(
     namespace_name: Namespace, run_id: RunId, ctx: ContextDep
@@ -484,9 +517,13 @@ async def run_graph(
     )
 
 
-@ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"])
+@ns.get("/graph/{graph_name}/run/{run_id}/node/{node_id}", tags=["runs"], responses=NOT_FOUND)
 async def node_run_details(
-    namespace_name: Namespace, graph_name: GraphName, run_id: RunId, node_id: str, ctx: ContextDep
+    namespace_name: Namespace,
+    graph_name: GraphName,
+    run_id: RunId,
+    node_id: NodeId,
+    ctx: ContextDep,
 ) -> schemas.NodeRunDetails:
     state = await runs.node_details(ctx, namespace_name, graph_name, run_id, node_id)
     return schemas.NodeRunDetails(

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from state_manager.domain.models import (
     MAX_DELAY_MS,
+    JsonInt,
     Name,
     NodeTemplate,
     RetryPolicy,
@@ -77,7 +78,8 @@ class NamespacesResponse(BaseModel):
 
 class UpsertGraphRequest(Body):
     secrets: dict[Name, str]
-    nodes: list[NodeTemplate]
+    # An empty graph has no root: refused with 400 as a template rule (contract 4.3).
+    nodes: list[NodeTemplate] = Field(json_schema_extra={"minItems": 1})
     retry_policy: RetryPolicy = Field(default_factory=RetryPolicy)
     store_config: StoreConfig = Field(default_factory=StoreConfig)
     triggers: list[Trigger] = Field(default_factory=list)
@@ -117,10 +119,13 @@ class ListGraphsResponse(BaseModel):
 # -- runs -------------------------------------------------------------------------
 
 
+IDEMPOTENCY_KEY_PATTERN = "^[ -~]*$"
+
+
 class TriggerRequest(Body):
     store: dict[Name, str] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
-    start_delay: int = Field(default=0, ge=0, le=MAX_DELAY_MS)
+    start_delay: JsonInt = Field(default=0, ge=0, le=MAX_DELAY_MS)
 
 
 class TriggerResponse(BaseModel):
@@ -133,6 +138,8 @@ class StartRunItem(TriggerRequest):
         default=None,
         min_length=1,
         max_length=255,
+        # Printable ASCII, checked by the service (400).
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
         description=(
             "Optional: a run already started with this key in the namespace (within "
             "EXOSPHERE_IDEMPOTENCY_TTL_SECONDS) is answered instead of a new one; the same "
@@ -175,8 +182,12 @@ class CancelRunResponse(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The body of every error answer except 422 (which lists the invalid fields)."""
+
     detail: str
-    code: str | None = None
+    code: str | None = Field(
+        default=None, description="A stable name of the refusal, where it has one."
+    )
 
 
 class RunSummaryResponse(RunListItem):
@@ -245,11 +256,15 @@ class NodeRunDetails(BaseModel):
 
 class EnqueueRequest(Body):
     nodes: list[Name]
-    batch_size: int
-    wait_ms: int = Field(
+    batch_size: JsonInt = Field(
+        description="Most states to claim. Any integer: 0 or less claims nothing; more "
+        "than MAX_BATCH_SIZE claims at most MAX_BATCH_SIZE (a cap, not a limit)."
+    )
+    wait_ms: JsonInt = Field(
         default=0,
         ge=0,
-        description="Extension: hold the request up to this long until work is claimable.",
+        description="Extension: hold the request up to this long (ms) until work is "
+        "claimable. Longer waits are served at MAX_WAIT_MS (a cap, not a limit).",
     )
 
 
@@ -295,7 +310,7 @@ class PruneResponse(BaseModel):
 
 
 class ReEnqueueAfterRequest(Body):
-    enqueue_after: int = Field(
+    enqueue_after: JsonInt = Field(
         gt=0, le=MAX_DELAY_MS, description="Delay in milliseconds, relative to now."
     )
 

@@ -411,7 +411,9 @@ def trigger_request(fields: Mapping[str, str]) -> schemas.TriggerRequest:
         for name, value in fields.items()
         if name.startswith("input.") and value != ""
     }
-    delay = fields.get("start_delay", "").strip() or "0"
+    text = fields.get("start_delay", "").strip() or "0"
+    # A form sends text; the API's body takes JSON integers only.
+    delay: object = int(text) if text.lstrip("-").isdigit() and text.isascii() else text
     try:
         return schemas.TriggerRequest.model_validate(
             {"store": store, "inputs": inputs, "start_delay": delay}

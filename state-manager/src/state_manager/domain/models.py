@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from state_manager.domain.timeouts import MAX_TIMEOUT_SECONDS
 
@@ -28,11 +30,29 @@ NAME_MAX_LENGTH = 255
 MAX_DELAY_MS = 10 * 365 * 24 * 3_600_000
 
 Name = Annotated[str, StringConstraints(max_length=NAME_MAX_LENGTH)]
+
+# Patterns for the OpenAPI schema that mirror rules the validators below apply (the
+# validators give the messages; the patterns tell clients and schema-driven tools).
+# ``_SPACE`` is what ``str.strip()`` removes; no text may hold U+0000 (see api/middleware).
+_SPACE = r"\t-\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NUL_FREE_PATTERN = r"^[^\u0000]*$"
+NON_BLANK_PATTERN = rf"^[^\u0000]*[^\u0000{_SPACE}][^\u0000]*$"
+STORE_KEY_PATTERN = rf"^[^\u0000.]*[^\u0000.{_SPACE}][^\u0000.]*$"
+_NON_BLANK: JsonDict = {"pattern": NON_BLANK_PATTERN}
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON integers only: ``true`` or ``"5"`` are not numbers (``5.0`` is, as in JSON Schema)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("Input should be an integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 # A timeout in whole seconds (a boolean or a string is refused), at most seven days.
 TimeoutSeconds = Annotated[
-    int,
+    JsonInt,
     Field(
-        strict=True,
         gt=0,
         le=MAX_TIMEOUT_SECONDS,
         description="Seconds a claimed state may run before it is taken back as a failed "
@@ -111,7 +131,7 @@ def _trimmed_non_empty(value: str, what: str) -> str:
 class Unites(BaseModel):
     """Fan-in declaration: wait for every descendant of ``identifier``'s fan-out group."""
 
-    identifier: Name
+    identifier: Name = Field(json_schema_extra=_NON_BLANK)
     strategy: UnitesStrategy = UnitesStrategy.ALL_SUCCESS
 
     @field_validator("identifier")
@@ -123,11 +143,18 @@ class Unites(BaseModel):
 class NodeTemplate(BaseModel):
     """One node of a graph template."""
 
-    node_name: Name
+    node_name: Name = Field(json_schema_extra=_NON_BLANK)
     namespace: Name
-    identifier: Name
+    # Not "store" either (reserved): a 422 with a message, not written in the schema.
+    identifier: Name = Field(json_schema_extra=_NON_BLANK)
     inputs: dict[str, Any]
-    next_nodes: list[Name] | None = None
+    next_nodes: (
+        Annotated[
+            list[Annotated[Name, Field(json_schema_extra=_NON_BLANK)]],
+            Field(json_schema_extra={"uniqueItems": True}),
+        ]
+        | None
+    ) = None
     unites: Unites | None = None
     timeout: TimeoutSeconds | None = None
 
@@ -171,11 +198,11 @@ class NodeTemplate(BaseModel):
 class RetryPolicy(BaseModel):
     """How an errored state is retried. Delays are in milliseconds."""
 
-    max_retries: int = Field(default=3, ge=0)
+    max_retries: JsonInt = Field(default=3, ge=0)
     strategy: RetryStrategy = RetryStrategy.EXPONENTIAL
-    backoff_factor: int = Field(default=2000, gt=0)
-    exponent: int = Field(default=2, gt=0)
-    max_delay: int | None = Field(default=None, gt=0)
+    backoff_factor: JsonInt = Field(default=2000, gt=0)
+    exponent: JsonInt = Field(default=2, gt=0)
+    max_delay: JsonInt | None = Field(default=None, gt=0)
 
 
 def _key_problems(keys: list[str]) -> list[str]:
@@ -194,11 +221,22 @@ def _key_problems(keys: list[str]) -> list[str]:
     return problems
 
 
+def _coerced_values(schema: JsonDict) -> None:
+    """``default_values`` takes any JSON value and keeps its string form (v0 contract)."""
+    schema.pop("patternProperties", None)
+    schema["propertyNames"] = {"maxLength": NAME_MAX_LENGTH, "pattern": STORE_KEY_PATTERN}
+    schema["additionalProperties"] = {"description": "Any JSON value, kept as its str()."}
+
+
 class StoreConfig(BaseModel):
     """Per-run key/value store: keys a trigger must provide and defaults for the rest."""
 
-    required_keys: list[str] = Field(default_factory=list)
-    default_values: dict[str, str] = Field(default_factory=dict)
+    required_keys: list[
+        Annotated[str, Field(max_length=NAME_MAX_LENGTH, pattern=STORE_KEY_PATTERN)]
+    ] = Field(default_factory=list, json_schema_extra={"uniqueItems": True})
+    default_values: dict[
+        Annotated[str, Field(max_length=NAME_MAX_LENGTH, pattern=STORE_KEY_PATTERN)], str
+    ] = Field(default_factory=dict, json_schema_extra=_coerced_values)
 
     @model_validator(mode="before")
     @classmethod
