@@ -137,13 +137,17 @@ async def test_concurrent_claimers_never_share_a_state(
             for i in range(CLAIMERS)
         ]
         try:
-            await _race(clients, database_url, exchange_claimer if via == "exchange" else claimer)
+            chosen = exchange_claimer if via == "exchange" else claimer
+            await _race(clients, len(running), database_url, chosen)
         finally:
             for client in clients:
                 await client.aclose()
 
 
-async def _race(clients: list[httpx.AsyncClient], database_url: str, claimer: Claimer) -> None:
+async def _race(
+    clients: list[httpx.AsyncClient], servers: int, database_url: str, claimer: Claimer
+) -> None:
+    """``clients[i]`` talks to server ``i % servers``."""
     setup = Api(clients[0], NS)
     await setup.register(
         node("Root", outputs=("item",)),
@@ -187,7 +191,11 @@ async def _race(clients: list[httpx.AsyncClient], database_url: str, claimer: Cl
     every_claim = [state_id for per_claimer in claims for state_id in per_claimer]
     duplicates = [s for s, n in Counter(every_claim).items() if n > 1]
     assert duplicates == [], f"{len(duplicates)} states were handed out more than once"
-    assert all(claims), "some claimer never got any work: the race was not a race"
+    # A race needs several claimers with work, on every server. One claimer may starve
+    # (an exchange claimer that holds work keeps getting more), which is allowed.
+    busy = [i for i, per_claimer in enumerate(claims) if per_claimer]
+    assert len(busy) >= 2, f"only claimers {busy} got work: the race was not a race"
+    assert {i % servers for i in busy} == set(range(servers)), f"claimers with work: {busy}"
 
     all_states = [s for run_id in run_ids for s in await read_states(database_url, NS, run_id)]
     assert len(all_states) == RUNS * (1 + WIDTH + WIDTH)
