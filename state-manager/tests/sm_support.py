@@ -97,6 +97,16 @@ class _Secantus:
 _SECANTUS = _Secantus()
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM ``process``, then SIGKILL it if it has not exited within ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 def _secantus_command() -> list[str]:
     found = shutil.which("secantusd-py") or str(Path(sys.executable).parent / "secantusd-py")
     return [found]
@@ -104,11 +114,7 @@ def _secantus_command() -> list[str]:
 
 def _stop_secantus() -> None:
     if _SECANTUS.process is not None and _SECANTUS.process.poll() is None:
-        _SECANTUS.process.terminate()
-        try:
-            _SECANTUS.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            _SECANTUS.process.kill()
+        stop_process(_SECANTUS.process, timeout=20)
     if _SECANTUS.root is not None:
         shutil.rmtree(_SECANTUS.root, ignore_errors=True)
 
@@ -191,11 +197,7 @@ def standalone_mongo() -> Iterator[str]:
                 time.sleep(0.1)
         yield uri
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout=20)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -651,12 +653,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.send_signal(signal.SIGKILL)
-                self.process.wait(timeout=30)
+            stop_process(self.process)
             self.process = None
 
 

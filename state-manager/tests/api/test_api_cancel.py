@@ -25,6 +25,7 @@ from sm_support import (
     RunningServer,
     read_states,
     serve,
+    stop_process,
     test_settings,
     unique_namespace,
     wait_registered,
@@ -65,12 +66,7 @@ def _worker(server: RunningServer, namespace: str, log: Path, heartbeat_s: float
         try:
             yield
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(timeout=30)
+            stop_process(worker)
 
 
 @contextlib.asynccontextmanager

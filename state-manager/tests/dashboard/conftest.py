@@ -27,7 +27,7 @@ from dashboard_support import (
 )
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 from sm_api import node
-from sm_support import make_database, server_process, unique_namespace
+from sm_support import make_database, server_process, stop_process, unique_namespace
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -65,12 +65,7 @@ def dash(
                     create_graph(http, namespace, name, body)
                 yield Dash(backend, server, namespace, gates, http)
             finally:
-                worker.terminate()
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait(timeout=30)
+                stop_process(worker)
     finally:
         database.drop()
 
