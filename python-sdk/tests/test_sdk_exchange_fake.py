@@ -3,12 +3,15 @@ together with a claim, and still no result is lost or doubled whatever the netwo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from exospherehost import Runtime
-from sdk_fakeserver import FakeStateManager
+from exospherehost._http import ApiClient
+from exospherehost._reporting import ClaimOffer, Report, Reporter, RuntimeStats
+from sdk_fakeserver import FAST_BACKOFF, FakeStateManager
 from test_sdk_runtime_fake import Echo, Explode, Fail, Signal
 
 MakeRuntime = Callable[..., Runtime]
@@ -37,6 +40,53 @@ async def test_reports_travel_together_and_bring_the_next_states(
     assert claimed_along > 0  # claims rode along with reports
     assert len(fake.calls_to("POST", r"/states/enqueue$")) < len(exchanges)
     assert fake.max_queued <= 4  # never more claimed than free workers
+
+
+async def test_states_an_answer_brings_report_in_the_next_request(
+    fake: FakeStateManager,
+) -> None:
+    """Quick nodes of the states an exchange brought finish before the next exchange is
+    sent, so their reports ride in it together with those that arrived meanwhile."""
+    warm_up, first, during = (fake.add_state("Echo") for _ in range(3))
+    for state_id in (warm_up, first, during):  # claimed already, by this worker
+        fake.states[state_id].status = "QUEUED"
+        fake.states[state_id].lease_until = float("inf")
+    api = ApiClient(fake.uri, fake.key, fake.namespace, transport=fake.transport)
+    offers: list[ClaimOffer] = []
+
+    def run_at_once(states: list[Any]) -> None:
+        async def node(state_id: str) -> None:
+            reporter.submit(Report(state_id, "Echo", "executed", {"outputs": [{}]}))
+
+        for state in states:
+            asyncio.get_running_loop().create_task(node(state["state_id"]))
+
+    def claims() -> ClaimOffer | None:
+        if offers:
+            return None
+        offers.append(ClaimOffer(["Echo"], 3, run_at_once, lambda: None))
+        return offers[0]
+
+    reporter = Reporter(api, FAST_BACKOFF, RuntimeStats(), lambda: None, claims)
+    try:
+        # The first exchange finds out that the server offers the route (no claim rides on it).
+        reporter.submit(Report(warm_up, "Echo", "executed", {"outputs": [{}]}))
+        await reporter.flush(grace=5.0)
+        brought = [fake.add_state("Echo") for _ in range(3)]
+        fake.fail("POST", r"/states/exchange$", "slow", delay=0.05)  # the next one only
+        reporter.submit(Report(first, "Echo", "executed", {"outputs": [{}]}))
+        await asyncio.sleep(0.02)  # the first exchange is in flight
+        reporter.submit(Report(during, "Echo", "executed", {"outputs": [{}]}))
+        await reporter.flush(grace=5.0)
+    finally:
+        await api.aclose()
+
+    sent = [
+        sorted(r["state_id"] for r in call.body["reports"])
+        for call in fake.calls_to("POST", r"/states/exchange$")
+    ]
+    assert sent == [[warm_up], [first], sorted([during, *brought])]
+    assert all(fake.states[i].status == "EXECUTED" for i in [first, during, *brought])
 
 
 @pytest.mark.parametrize(

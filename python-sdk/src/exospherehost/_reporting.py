@@ -360,6 +360,9 @@ class Reporter:
                 problem = describe_exc(exc)
             self._in_flight = []
             self._on_settled()
+            # Let the states this answer brought start (a quick node finishes in this one
+            # turn of the loop), so their reports go in the next request, not the one after.
+            await asyncio.sleep(0)
             if self._exchange is False:
                 for queued in self._buffer:
                     self._submit_alone(queued.report, queued.settled)
