@@ -185,7 +185,8 @@ async def test_locked_states_are_changed_one_locker_at_a_time(db: Store, databas
     async def first() -> None:
         async with db.write() as tx:
             locked = await tx.lock_states([rows[0]["id"], rows[1]["id"], "0" * 24])
-            assert set(locked) == {rows[0]["id"], rows[1]["id"]}  # missing ids are absent
+            assert set(locked.states) == {rows[0]["id"], rows[1]["id"]}  # missing ids: absent
+            assert locked.cancelled_runs == frozenset()
             first_locked.set()
             await release.wait()
             await tx.update_states(
@@ -196,7 +197,7 @@ async def test_locked_states_are_changed_one_locker_at_a_time(db: Store, databas
         await first_locked.wait()
         async with others.write() as tx:
             locked = await tx.lock_states([rows[0]["id"]])
-            return locked[rows[0]["id"]].status
+            return locked.states[rows[0]["id"]].status
 
     try:
         task = asyncio.create_task(first())

@@ -175,8 +175,8 @@ class _Batch:
         self, tx: Transaction, items: list[tuple[int, StateOp[Any]]], outcomes: list[Any]
     ) -> None:
         ids = [op.state_id.lower() for _, op in items if is_object_id(op.state_id)]
-        found = await tx.lock_states(ids)
-        cancelled = await tx.cancelled_runs(s.run_id for s in found.values())
+        locked = await tx.lock_states(ids)
+        found, cancelled = locked.states, locked.cancelled_runs
         accepted: list[_Accepted] = []
         for index, op in items:
             state = found.get(op.state_id.lower()) if is_object_id(op.state_id) else None

@@ -19,6 +19,7 @@ from state_manager.store.rows import (
     ClaimedRow,
     FaninGroup,
     GraphStateRow,
+    LockedStates,
     NodeCounts,
     StateBrief,
     StateCore,
@@ -133,8 +134,11 @@ class Transaction(abc.ABC):
     async def get_states(self, state_ids: Iterable[str]) -> dict[str, StateRow]: ...
 
     @abc.abstractmethod
-    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateCore]:
-        """The states ``state_ids`` (those that exist), locked until the transaction ends."""
+    async def lock_states(self, state_ids: Iterable[str]) -> LockedStates:
+        """The states ``state_ids`` (those that exist), locked until the transaction ends,
+        and which of their runs are cancelled. Every change to a run's states starts
+        here: a cancellation committing meanwhile either waits for this transaction or
+        makes it see the run cancelled."""
 
     @abc.abstractmethod
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
@@ -289,12 +293,6 @@ class Transaction(abc.ABC):
     # -- cancellation -----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
-        """Which of these runs are cancelled. Called after :meth:`lock_states` by every
-        change to a run's states: a cancellation committing meanwhile either waits for
-        this transaction or makes it see the run cancelled."""
-
-    @abc.abstractmethod
     async def lock_run(self, run_id: str) -> dict[str, Any] | None:
         """The run ``run_id``, excluding other cancellers of it until the transaction
         ends (and waiting for changes in flight on its states)."""
@@ -386,6 +384,7 @@ __all__ = [
     "ClaimedRow",
     "FaninGroup",
     "GraphStateRow",
+    "LockedStates",
     "NodeCounts",
     "StateBrief",
     "StateCore",

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ class Database(Store):
                 self._batch_begun = True
             # AUTOCOMMIT: SQLAlchemy's own begin and commit send nothing.
             async with connection.begin():
-                tx = Tx(connection, self.dialect)
+                tx = Tx(connection, self.dialect, await AsyncpgDriver.under(connection))
                 yield tx
             await _send(connection, _notify_sql(tx.work_namespaces) + "COMMIT; BEGIN")
             self._batch_begun = True
@@ -435,24 +435,63 @@ class Database(Store):
 
 async def _send(connection: AsyncConnection, sql: str) -> None:
     """Send parameterless SQL (several statements allowed) as one message on the asyncpg
-    connection under ``connection``; errors are raised as SQLAlchemy would raise them
-    (a ``DBAPIError``), so transient retries and 503s see one kind of error."""
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
-    adapter: Any = raw.dbapi_connection
-    try:
-        await driver.execute(sql)
-    except Exception as error:
-        dialect = connection.dialect
+    connection under ``connection``."""
+    await (await AsyncpgDriver.under(connection)).execute(sql)
+
+
+class AsyncpgDriver:
+    """The asyncpg connection under a SQLAlchemy one, for the hot statements of the
+    committer's batches (:mod:`state_manager.store.hot`): SQLAlchemy's execution layer
+    costs more than such a statement does. Errors are raised as SQLAlchemy would raise
+    them (a ``DBAPIError``), so transient retries and 503s see one kind of error.
+
+    Only for a connection whose transaction is begun by hand (the kept batch
+    connection): SQLAlchemy's driver adapter begins its transaction lazily, on its own
+    first statement, so a statement sent here first would run outside it.
+    """
+
+    def __init__(self, connection: AsyncConnection, adapter: Any) -> None:
+        self._connection = connection
+        self._adapter = adapter
+        self._driver: Any = adapter.driver_connection
+
+    @classmethod
+    async def under(cls, connection: AsyncConnection) -> AsyncpgDriver:
+        raw = await connection.get_raw_connection()
+        return cls(connection, raw.dbapi_connection)
+
+    async def execute(self, sql: str) -> None:
+        try:
+            await self._driver.execute(sql)
+        except Exception as error:
+            raise self._translated(sql, None, error) from error
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
+        try:
+            rows: list[Sequence[Any]] = await self._driver.fetch(sql, *params)
+        except Exception as error:
+            raise self._translated(sql, params, error) from error
+        return rows
+
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        try:
+            await self._driver.executemany(sql, params)
+        except Exception as error:
+            raise self._translated(sql, params, error) from error
+
+    def _translated(self, sql: str, params: Any, error: Exception) -> Exception:
+        dialect = self._connection.dialect
         try:
             # The driver adapter's own translation of asyncpg's exceptions.
-            adapter._handle_exception(error)
+            self._adapter._handle_exception(error)
         except dialect.loaded_dbapi.Error as translated:
-            lost = dialect.is_disconnect(translated, adapter, None)
-            raise DBAPIError.instance(
-                sql, None, translated, dialect.loaded_dbapi.Error, connection_invalidated=lost
-            ) from error
-        raise
+            lost = dialect.is_disconnect(translated, self._adapter, None)
+            return DBAPIError.instance(
+                sql, params, translated, dialect.loaded_dbapi.Error, connection_invalidated=lost
+            )
+        except Exception:  # not a driver error (cancelled, a bug): as it is
+            return error
+        return error
 
 
 def _notify_sql(namespaces: set[str]) -> str:

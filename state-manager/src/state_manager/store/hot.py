@@ -76,21 +76,43 @@ def insert_states(dialect: str) -> str:
 
 @functools.cache
 def lock_states(dialect: str, count: int) -> str:
-    """The payload-free columns of ``count`` states by id, locked on PostgreSQL."""
-    sql = (
-        f"SELECT {', '.join(CORE_COLUMNS)} FROM states "
-        f"WHERE id IN ({', '.join(_marks(dialect, count))}) ORDER BY id"
+    """The payload-free columns of ``count`` states by id (:func:`lock_params`), then
+    their run's ``cancelled_at`` (NULL: not cancelled, or no run). On PostgreSQL the states
+    are locked in id order and their runs held (key share) until the transaction ends,
+    so a cancellation, which locks its run for update, either waits for this transaction
+    or makes it see the run cancelled. PostgreSQL takes the ids as one array, so one
+    prepared statement serves every count."""
+    if dialect == "postgresql":
+        ids, state_lock, run_lock = "= ANY($1)", " FOR UPDATE", " FOR KEY SHARE"
+    else:
+        ids, state_lock, run_lock = f"IN ({', '.join(_marks(dialect, count))})", "", ""
+    return (
+        f"WITH locked AS (SELECT {', '.join(CORE_COLUMNS)} FROM states "
+        f"WHERE id {ids} ORDER BY id{state_lock}), "
+        "their_runs AS (SELECT run_id, cancelled_at FROM runs "
+        f"WHERE run_id IN (SELECT run_id FROM locked){run_lock}) "
+        f"SELECT {', '.join(f'locked.{c}' for c in CORE_COLUMNS)}, their_runs.cancelled_at "
+        "FROM locked LEFT JOIN their_runs ON their_runs.run_id = locked.run_id"
     )
-    return sql + (" FOR UPDATE" if dialect == "postgresql" else "")
+
+
+def lock_params(dialect: str, ids: list[str]) -> list[Any]:
+    """The parameters of :func:`lock_states` for ``ids``."""
+    return [ids] if dialect == "postgresql" else ids
 
 
 def core_values(row: Sequence[Any]) -> dict[str, Any]:
-    """A row of :func:`lock_states` as keyword arguments of ``StateCore``."""
-    values = dict(zip(CORE_COLUMNS, row, strict=True))
+    """The state of a row of :func:`lock_states` as keyword arguments of ``StateCore``."""
+    values = dict(zip(CORE_COLUMNS, row[: len(CORE_COLUMNS)], strict=True))
     for column in JSON_COLUMNS.intersection(values):
         values[column] = loads_json(values[column])
     values["does_unites"] = bool(values["does_unites"])
     return values
+
+
+def run_cancelled(row: Sequence[Any]) -> bool:
+    """Whether the run of a row of :func:`lock_states` is cancelled."""
+    return row[len(CORE_COLUMNS)] is not None
 
 
 @functools.cache

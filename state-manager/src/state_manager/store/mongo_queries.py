@@ -45,6 +45,7 @@ from state_manager.store.rows import (
     ClaimedRow,
     FaninGroup,
     GraphStateRow,
+    LockedStates,
     NodeCounts,
     StateBrief,
     StateCore,
@@ -453,14 +454,14 @@ class MongoTx(Transaction):
         docs = await self._find(self.states, {"_id": {"$in": ids}})
         return {d["_id"]: StateRow.from_row(STATES.decode(d)) for d in docs}
 
-    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateCore]:
+    async def lock_states(self, state_ids: Iterable[str]) -> LockedStates:
         """Mark the states as written by this transaction (``$inc`` of ``lock``), then read
         them: a second locker conflicts until this transaction ends. Called first in a
         transaction, a conflict starts the transaction again after a short pause (a wait,
         as on a row lock); later in one, it aborts it to be run again as a whole."""
         ids = sorted(set(state_ids))
         if not ids:
-            return {}
+            return LockedStates({}, frozenset())
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         pause = 0.002
         while True:
@@ -487,7 +488,7 @@ class MongoTx(Transaction):
             row = STATES.decode(doc, _CORE)
             row["does_unites"] = bool(row["does_unites"])
             found[doc["_id"]] = StateCore(**row)
-        return found
+        return LockedStates(found, await self._cancelled_runs(s.run_id for s in found.values()))
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
         if not changes:
@@ -826,17 +827,18 @@ class MongoTx(Transaction):
 
     # -- cancellation -----------------------------------------------------------------
 
-    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
-        """A cancellation writes every state of its run (:meth:`cancel_run`) and every
-        change to a run's states first writes one of them (:meth:`lock_states`), so the
-        two conflict: the later one runs again and sees what the first did."""
+    async def _cancelled_runs(self, run_ids: Iterable[str]) -> frozenset[str]:
+        """Which of these runs are cancelled. A cancellation writes every state of its run
+        (:meth:`cancel_run`) and every change to a run's states first writes one of them
+        (:meth:`lock_states`), so the two conflict: the later one runs again and sees what
+        the first did."""
         ids = sorted(set(run_ids))
         if not ids:
-            return set()
+            return frozenset()
         docs = await self._find(
             self.runs, {"_id": {"$in": ids}, "cancelled_at": {"$ne": None}}, projection={"_id": 1}
         )
-        return {d["_id"] for d in docs}
+        return frozenset(d["_id"] for d in docs)
 
     async def lock_run(self, run_id: str) -> dict[str, Any] | None:
         self.used = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -30,6 +30,7 @@ from state_manager.store.rows import (
     ClaimedRow,
     FaninGroup,
     GraphStateRow,
+    LockedStates,
     NodeCounts,
     StateBrief,
     StateCore,
@@ -54,6 +55,14 @@ from state_manager.store.tables import (
 Rows = CursorResult[*tuple[Any, ...]]
 
 
+class HotDriver(Protocol):
+    """A PostgreSQL driver connection taking hand-written SQL with ``$n`` parameters."""
+
+    async def fetch(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]: ...
+
+    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
+
+
 def _ids(name: str = "ids") -> sa.BindParameter[Any]:
     return sa.bindparam(name, expanding=True)
 
@@ -69,14 +78,6 @@ _INSERT_STATES_UNLESS_EXIST = {
 _STORES = sa.select(store_entries).where(store_entries.c.run_id.in_(_ids()))
 _RUN_VERSIONS = sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(_ids()))
 _INSERT_RUNS = runs.insert()
-# Reports read whether their runs were cancelled, and hold the run rows (key share)
-# until they commit, so a cancellation (FOR UPDATE of the run) waits for reports in
-# flight and then sees every state they created.
-_RUNS_CANCELLED = (
-    sa.select(runs.c.run_id, runs.c.cancelled_at)
-    .where(runs.c.run_id.in_(_ids()))
-    .with_for_update(read=True, key_share=True)
-)
 _PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
 _INSERT_STORES = store_entries.insert()
 _CREATE_GROUPS = fanin_groups.insert()
@@ -100,9 +101,16 @@ def _wrapped(sql: str, params: Any, error: sqlite3.Error) -> StatementError:
 class Tx(Transaction):
     """Typed queries over one connection in one transaction."""
 
-    def __init__(self, connection: AsyncConnection | Connection, dialect: str) -> None:
+    def __init__(
+        self,
+        connection: AsyncConnection | Connection,
+        dialect: str,
+        driver: HotDriver | None = None,
+    ) -> None:
         self.connection = connection
         self.dialect = dialect
+        # Where the hot statements go straight to asyncpg (the committer's batches).
+        self.driver = driver
         # States this transaction made claimable and did not claim itself, by namespace:
         # who waits for work there must be woken once it commits.
         self._work: dict[str, set[str]] = {}
@@ -118,6 +126,8 @@ class Tx(Transaction):
 
     async def _driver(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]:
         """Run hand-written SQL (:mod:`state_manager.store.hot`) on the driver itself."""
+        if self.driver is not None:
+            return await self.driver.fetch(sql, params)
         if isinstance(self.connection, AsyncConnection):
             result = await self.connection.exec_driver_sql(sql, tuple(params))
             return list(result) if result.returns_rows else []
@@ -129,7 +139,9 @@ class Tx(Transaction):
         return rows
 
     async def _driver_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        if isinstance(self.connection, AsyncConnection):
+        if self.driver is not None:
+            await self.driver.executemany(sql, [tuple(p) for p in params])
+        elif isinstance(self.connection, AsyncConnection):
             await self.connection.exec_driver_sql(sql, [tuple(p) for p in params])
         else:
             try:
@@ -350,17 +362,9 @@ class Tx(Transaction):
         if stores:
             await self._execute(_INSERT_STORES, [dict(s) for s in stores])
 
-    async def cancelled_runs(self, run_ids: Iterable[str]) -> set[str]:
-        """Which of these runs are cancelled; holds them (key share) until commit."""
-        ids = sorted(set(run_ids))
-        if not ids:
-            return set()
-        result = await self._execute(_RUNS_CANCELLED, {"ids": ids})
-        return {row.run_id for row in result if row.cancelled_at is not None}
-
     async def lock_run(self, run_id: str) -> dict[str, Any] | None:
         """The run ``run_id``, locked until the transaction ends (waits for reports in
-        flight on its states, see :meth:`cancelled_runs`)."""
+        flight on its states, see :meth:`lock_states`)."""
         result = await self._execute(
             sa.select(runs).where(runs.c.run_id == run_id).with_for_update()
         )
@@ -448,18 +452,28 @@ class Tx(Transaction):
         result = await self._execute(_STATES_BY_ID, {"ids": ids})
         return {row["id"]: StateRow.from_row(row) for row in result.mappings()}
 
-    async def lock_states(self, state_ids: Iterable[str]) -> dict[str, StateCore]:
-        """The states ``state_ids`` (those that exist), locked until the transaction ends.
+    async def lock_states(self, state_ids: Iterable[str]) -> LockedStates:
+        """The states ``state_ids`` (those that exist), locked until the transaction ends,
+        and which of their runs are cancelled; one statement (:func:`hot.lock_states`).
 
         On PostgreSQL the rows are locked in id order, so two transactions locking
-        overlapping sets never deadlock on them; on SQLite the write transaction
+        overlapping sets never deadlock on them, and the runs are held (key share) until
+        commit, so a cancellation (``FOR UPDATE`` of the run) waits for changes in
+        flight and then sees every state they created; on SQLite the write transaction
         already excludes every other writer.
         """
         ids = sorted(set(state_ids))
         if not ids:
-            return {}
-        rows = await self._driver(hot.lock_states(self.dialect, len(ids)), ids)
-        return {row[0]: StateCore(**hot.core_values(row)) for row in rows}
+            return LockedStates({}, frozenset())
+        found: dict[str, StateCore] = {}
+        cancelled: set[str] = set()
+        sql = hot.lock_states(self.dialect, len(ids))
+        for row in await self._driver(sql, hot.lock_params(self.dialect, ids)):
+            state = StateCore(**hot.core_values(row))
+            found[state.id] = state
+            if hot.run_cancelled(row):
+                cancelled.add(state.run_id)
+        return LockedStates(found, frozenset(cancelled))
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
         """Write changes to several locked states, one statement per set of columns.

@@ -49,6 +49,15 @@ class StateCore:
 
 
 @dataclass(frozen=True)
+class LockedStates:
+    """States locked for a change (those that exist, by id), and which of their runs
+    are cancelled."""
+
+    states: dict[str, StateCore]
+    cancelled_runs: frozenset[str]
+
+
+@dataclass(frozen=True)
 class StateRow(StateCore):
     """A whole state."""
 
