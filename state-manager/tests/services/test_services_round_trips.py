@@ -180,6 +180,15 @@ async def test_errors_of_the_commit_message_are_mapped_like_any_statement(ctx: C
         await connection.invalidate()
 
 
+async def test_the_kept_connection_plans_each_statement_for_the_table_as_it_is(
+    ctx: Context,
+) -> None:
+    """A generic plan made while the states table was nearly empty scans it whole, and
+    would go on doing so as it grows: the committer's connection plans every time."""
+    kept = await ctx.db.batch_driver_connection()
+    assert await kept.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+
+
 async def test_the_kept_connection_waits_holding_no_snapshot_and_no_xid(ctx: Context) -> None:
     """Between batches the committer's connection is inside a just-begun transaction; it
     must hold back nothing (vacuum, CREATE INDEX CONCURRENTLY wait on xmin and xids)."""

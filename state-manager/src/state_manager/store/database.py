@@ -231,6 +231,11 @@ class Database(Store):
             assert isinstance(engine, AsyncEngine)
             connection = await engine.connect()
             await connection.execution_options(isolation_level="AUTOCOMMIT")
+            # Plan each statement for its parameters and the table as it is now. A generic
+            # plan is kept for good once chosen: one made while the states table was
+            # nearly empty (a new database) scans it whole, and goes on doing so as it
+            # grows until autovacuum next analyzes it.
+            await _send(connection, "SET plan_cache_mode = force_custom_plan")
             self._batch_connection = connection
             self._batch_begun = False
         return connection

@@ -130,18 +130,45 @@ def update_params(columns: tuple[str, ...], change: Mapping[str, Any]) -> tuple[
 
 @functools.cache
 def claim(dialect: str, node_count: int) -> str:
-    """Move up to a limit of claimable states of some nodes to QUEUED, returning what a
-    worker receives. Parameters: now, lease until, namespace, node names..., limit."""
-    now, lease_until, namespace, *nodes, limit = _marks(dialect, node_count + 4)
-    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
-    return (
-        f"UPDATE states SET status = '{StateStatus.QUEUED.value}', claimed_at = {now}, "
-        f"lease_expires_at = {lease_until}, updated_at = {now} "
-        f"WHERE id IN (SELECT id FROM states WHERE namespace = {namespace} "
-        f"AND status = '{StateStatus.CREATED.value}' AND node_name IN ({', '.join(nodes)}) "
-        f"AND enqueue_after <= {now} ORDER BY enqueue_after LIMIT {limit}{lock}) "
+    """Move up to a limit of claimable states of some nodes to QUEUED, oldest first,
+    returning what a worker receives (parameters: :func:`claim_params`).
+
+    The claimable index is ordered by ``enqueue_after`` within each node, so each node's
+    oldest are read from its own range and merged. On PostgreSQL, one range per node name
+    (a lateral join over the array of names, one prepared statement for any number):
+    asked for several names at once, its planner would otherwise read and sort every
+    claimable state of those nodes, a cost that grows with the backlog. Each range locks
+    (``SKIP LOCKED``) at most the limit; rows locked and not taken are released at
+    commit. SQLite merges the ranges of an ``IN`` list itself."""
+    queued = (
+        f"UPDATE states SET status = '{StateStatus.QUEUED.value}', claimed_at = {{now}}, "
+        "lease_expires_at = {lease_until}, updated_at = {now} WHERE id IN ({chosen}) "
         f"RETURNING {', '.join(CLAIMED_COLUMNS)}"
     )
+    ready = f"status = '{StateStatus.CREATED.value}' AND enqueue_after <= {{now}}"
+    if dialect == "postgresql":
+        chosen = (
+            "SELECT ready.id FROM unnest($4::text[]) AS node(name), LATERAL ("
+            f"SELECT id, enqueue_after FROM states WHERE namespace = $3 AND {ready} "
+            "AND node_name = node.name ORDER BY enqueue_after LIMIT $5 "
+            "FOR UPDATE SKIP LOCKED) AS ready ORDER BY ready.enqueue_after LIMIT $5"
+        )
+        return queued.format(now="$1", lease_until="$2", chosen=chosen.format(now="$1"))
+    now, lease_until, namespace, *nodes, limit = _marks(dialect, node_count + 4)
+    chosen = (
+        f"SELECT id FROM states WHERE namespace = {namespace} AND {ready} "
+        f"AND node_name IN ({', '.join(nodes)}) ORDER BY enqueue_after LIMIT {limit}"
+    )
+    return queued.format(now=now, lease_until=lease_until, chosen=chosen.format(now=now))
+
+
+def claim_params(
+    dialect: str, now: int, lease_until: int, namespace: str, names: list[str], limit: int
+) -> list[Any]:
+    """The parameters of :func:`claim`."""
+    if dialect == "postgresql":
+        return [now, lease_until, namespace, names, limit]
+    return [now, lease_until, namespace, *names, limit]
 
 
 def claimed_values(row: Sequence[Any]) -> dict[str, Any]:

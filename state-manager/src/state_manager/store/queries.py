@@ -522,7 +522,8 @@ class Tx(Transaction):
         """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
         names = list(node_names)
         rows = await self._driver(
-            hot.claim(self.dialect, len(names)), [now, lease_until, namespace, *names, limit]
+            hot.claim(self.dialect, len(names)),
+            hot.claim_params(self.dialect, now, lease_until, namespace, names, limit),
         )
         claimed = [ClaimedRow(**hot.claimed_values(row)) for row in rows]
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
