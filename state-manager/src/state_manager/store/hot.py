@@ -19,12 +19,19 @@ import orjson
 import sqlalchemy as sa
 
 from state_manager.domain.models import StateStatus
-from state_manager.store.tables import states
+from state_manager.store.tables import graph_templates, runs, states, store_entries
 
 STATE_COLUMNS = tuple(column.name for column in states.columns)
 JSON_COLUMNS = frozenset(c.name for c in states.columns if isinstance(c.type, sa.JSON))
 # A state without its payloads: what a change to it needs (see queries.StateCore).
 CORE_COLUMNS = tuple(c for c in STATE_COLUMNS if c not in ("outputs", "data"))
+# What a trigger reads and writes besides states.
+TEMPLATE_COLUMNS = tuple(column.name for column in graph_templates.columns)
+TEMPLATE_JSON_COLUMNS = frozenset(
+    c.name for c in graph_templates.columns if isinstance(c.type, sa.JSON)
+)
+RUN_COLUMNS = tuple(c.name for c in runs.columns if c.name != "cancelled_at")
+STORE_COLUMNS = tuple(column.name for column in store_entries.columns)
 CLAIMED_COLUMNS = (
     "id",
     "namespace",
@@ -72,6 +79,31 @@ def state_params(row: Mapping[str, Any]) -> tuple[Any, ...]:
 def insert_states(dialect: str) -> str:
     marks = ", ".join(_marks(dialect, len(STATE_COLUMNS)))
     return f"INSERT INTO states ({', '.join(STATE_COLUMNS)}) VALUES ({marks})"
+
+
+@functools.cache
+def insert_rows(dialect: str, table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT INTO <table> (<columns>) VALUES (...)``, one row per parameter tuple."""
+    marks = ", ".join(_marks(dialect, len(columns)))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+
+@functools.cache
+def template_by_name(dialect: str) -> str:
+    """A graph template by namespace and name (what every trigger reads first)."""
+    namespace, name = _marks(dialect, 2)
+    return (
+        f"SELECT {', '.join(TEMPLATE_COLUMNS)} FROM graph_templates "
+        f"WHERE namespace = {namespace} AND name = {name}"
+    )
+
+
+def template_values(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of :func:`template_by_name` as keyword arguments of ``TemplateRow``."""
+    values = dict(zip(TEMPLATE_COLUMNS, row, strict=True))
+    for column in TEMPLATE_JSON_COLUMNS:
+        values[column] = loads_json(values[column])
+    return values
 
 
 @functools.cache

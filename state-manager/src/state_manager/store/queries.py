@@ -77,9 +77,7 @@ _INSERT_STATES_UNLESS_EXIST = {
 }
 _STORES = sa.select(store_entries).where(store_entries.c.run_id.in_(_ids()))
 _RUN_VERSIONS = sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(_ids()))
-_INSERT_RUNS = runs.insert()
 _PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
-_INSERT_STORES = store_entries.insert()
 _CREATE_GROUPS = fanin_groups.insert()
 _ADJUST_GROUP = (
     fanin_groups.update()
@@ -226,13 +224,8 @@ class Tx(Transaction):
     # -- graph templates ----------------------------------------------------------
 
     async def get_template(self, namespace: str, name: str) -> TemplateRow | None:
-        result = await self._execute(
-            sa.select(graph_templates).where(
-                graph_templates.c.namespace == namespace, graph_templates.c.name == name
-            )
-        )
-        row = result.mappings().first()
-        return TemplateRow.from_row(row) if row else None
+        rows = await self._driver(hot.template_by_name(self.dialect), [namespace, name])
+        return TemplateRow(**hot.template_values(rows[0])) if rows else None
 
     async def save_template(self, values: Mapping[str, Any]) -> TemplateRow:
         """Insert or replace a template by (namespace, name); bumps ``revision``."""
@@ -357,10 +350,15 @@ class Tx(Transaction):
         self, rows: Sequence[Mapping[str, Any]], stores: Sequence[Mapping[str, Any]]
     ) -> None:
         """Insert run records and their store entries (``run_id``, ``key``, ``value``)."""
-        if rows:
-            await self._execute(_INSERT_RUNS, [dict(r) for r in rows])
-        if stores:
-            await self._execute(_INSERT_STORES, [dict(s) for s in stores])
+        for table, columns, values in (
+            ("runs", hot.RUN_COLUMNS, rows),
+            ("store_entries", hot.STORE_COLUMNS, stores),
+        ):
+            if values:
+                await self._driver_many(
+                    hot.insert_rows(self.dialect, table, columns),
+                    [tuple(value[c] for c in columns) for value in values],
+                )
 
     async def lock_run(self, run_id: str) -> dict[str, Any] | None:
         """The run ``run_id``, locked until the transaction ends (waits for reports in
