@@ -494,7 +494,7 @@ class AsyncpgDriver:
             return DBAPIError.instance(
                 sql, params, translated, dialect.loaded_dbapi.Error, connection_invalidated=lost
             )
-        except Exception:  # not a driver error (cancelled, a bug): as it is
+        except Exception:  # not one of asyncpg's errors: raised as it is
             return error
         return error
 
