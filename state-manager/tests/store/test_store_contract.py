@@ -174,6 +174,32 @@ def _changed(row: dict[str, Any], **values: Any) -> dict[str, Any]:
     return {**{c: row[c] for c in MUTABLE_STATE_COLUMNS}, **values, **fixed}
 
 
+async def test_locked_states_tell_which_of_their_runs_are_cancelled(db: Store) -> None:
+    runs = [
+        {
+            "run_id": run_id,
+            "namespace": "ns",
+            "graph_name": "g",
+            "version_id": "v" * 24,
+            "created_at": 1_000,
+        }
+        for run_id in ("run-live", "run-cancelled")
+    ]
+    live = new_state(run_id="run-live", status=StateStatus.QUEUED.value)
+    doomed = new_state(run_id="run-cancelled", status=StateStatus.SUCCESS.value)
+    orphan = new_state(run_id="run-unknown", status=StateStatus.QUEUED.value)
+    async with db.write() as tx:
+        await tx.insert_runs(runs, [])
+        await tx.insert_states([live, doomed, orphan])
+    async with db.write() as tx:
+        await tx.cancel_run("run-cancelled", 2_000)
+    async with db.write() as tx:
+        locked = await tx.lock_states([live["id"], doomed["id"], orphan["id"]])
+    assert set(locked.states) == {live["id"], doomed["id"], orphan["id"]}
+    assert locked.cancelled_runs == frozenset({"run-cancelled"})
+    assert locked.states[doomed["id"]].run_id == "run-cancelled"
+
+
 async def test_locked_states_are_changed_one_locker_at_a_time(db: Store, database_url: str) -> None:
     rows = [new_state(status=StateStatus.QUEUED.value) for _ in range(3)]
     async with db.write() as tx:
