@@ -73,7 +73,7 @@ async def test_states_an_answer_brings_report_in_the_next_request(
         reporter.submit(Report(warm_up, "Echo", "executed", {"outputs": [{}]}))
         await reporter.flush(grace=5.0)
         brought = [fake.add_state("Echo") for _ in range(3)]
-        fake.fail("POST", r"/states/exchange$", "slow", delay=0.05)  # the next one only
+        fake.fail("POST", r"/states/exchange$", "slow", delay=0.5)  # the next one only
         reporter.submit(Report(first, "Echo", "executed", {"outputs": [{}]}))
         await asyncio.sleep(0.02)  # the first exchange is in flight
         reporter.submit(Report(during, "Echo", "executed", {"outputs": [{}]}))
