@@ -76,12 +76,6 @@ def state_params(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 @functools.cache
-def insert_states(dialect: str) -> str:
-    marks = ", ".join(_marks(dialect, len(STATE_COLUMNS)))
-    return f"INSERT INTO states ({', '.join(STATE_COLUMNS)}) VALUES ({marks})"
-
-
-@functools.cache
 def insert_rows(dialect: str, table: str, columns: tuple[str, ...]) -> str:
     """``INSERT INTO <table> (<columns>) VALUES (...)``, one row per parameter tuple."""
     marks = ", ".join(_marks(dialect, len(columns)))

@@ -424,7 +424,8 @@ class Tx(Transaction):
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
             await self._driver_many(
-                hot.insert_states(self.dialect), [hot.state_params(r) for r in rows]
+                hot.insert_rows(self.dialect, "states", hot.STATE_COLUMNS),
+                [hot.state_params(r) for r in rows],
             )
             self._note_work(rows)
 
