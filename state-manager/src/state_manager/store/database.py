@@ -204,14 +204,15 @@ class Database(Store):
         """
         connection = await self._kept_batch_connection()
         try:
+            driver = await AsyncpgDriver.under(connection)
             if not self._batch_begun:
-                await _send(connection, "BEGIN")
+                await driver.execute("BEGIN")
                 self._batch_begun = True
             # AUTOCOMMIT: SQLAlchemy's own begin and commit send nothing.
             async with connection.begin():
-                tx = Tx(connection, self.dialect, await AsyncpgDriver.under(connection))
+                tx = Tx(connection, self.dialect, driver)
                 yield tx
-            await _send(connection, _notify_sql(tx.work_namespaces) + "COMMIT; BEGIN")
+            await driver.execute(_notify_sql(tx.work_namespaces) + "COMMIT; BEGIN")
             self._batch_begun = True
         except BaseException:
             # Whatever went wrong (a restart, a lost connection, a failed statement), start
