@@ -3,7 +3,7 @@
 Run by the harness as its own process, configured like any worker (environment
 ``EXOSPHERE_STATE_MANAGER_URI`` / ``EXOSPHERE_API_KEY``)::
 
-    python bench/ours_worker.py --namespace NS --records FILE [--workers 8]
+    python bench/ours_worker.py --namespace NS --records FILE [--workers 8] [--prefetch 8]
 
 Each node body records its key and start/end times (see ``measure.py``); a watcher writes
 a ``reported`` marker whenever the runtime's count of reports accepted by the server
@@ -114,10 +114,15 @@ async def main() -> None:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--records", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=8)
+    # As Celery's worker prefetches (4 per process by default), so does ours: a worker
+    # that finishes starts the next state without a round trip to the server.
+    parser.add_argument("--prefetch", type=int, default=8)
     args = parser.parse_args()
     global _writer
     _writer = RecordWriter(args.records)
-    runtime = Runtime(args.namespace, "bench-worker", NODES, workers=args.workers)
+    runtime = Runtime(
+        args.namespace, "bench-worker", NODES, workers=args.workers, prefetch=args.prefetch
+    )
     watcher = asyncio.create_task(watch_reports(runtime, _writer))
     try:
         await runtime.run(handle_signals=True)

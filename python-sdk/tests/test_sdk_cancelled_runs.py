@@ -76,3 +76,24 @@ async def test_a_refused_heartbeat_stops_the_node_and_frees_its_slot(
     assert fake.states[first].status == "CANCELLED"
     assert not fake.calls_to("POST", rf"{first}/(executed|errored)$")  # nothing reported
     assert (stats.executed, stats.cancelled, stats.rejected) == (1, 1, 0)
+
+
+async def test_a_prefetched_state_of_a_cancelled_run_is_dropped_before_it_starts(
+    make_runtime: MakeRuntime, fake: FakeStateManager, held: type[Hold]
+) -> None:
+    hold = held
+    running = fake.add_state("Hold", {"n": "1"})
+    waiting = fake.add_state("Hold", {"n": "2"})
+    runtime = make_runtime([hold], heartbeat_interval=0.01, workers=1, prefetch=1)
+    task = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.2))
+    await fake.wait_for(lambda: fake.states[waiting].heartbeats >= 1)  # held, not started
+    assert hold.running == 1
+    fake.states[waiting].run_cancelled = True
+    await fake.wait_for(lambda: runtime.stats.cancelled == 1)
+    hold.release.set()
+    stats = await task
+
+    assert fake.states[running].status == "EXECUTED"
+    assert hold.peak == 1  # the dropped state never ran
+    assert not fake.calls_to("POST", rf"{waiting}/(executed|errored|re-enqueue-after)$")
+    assert (stats.executed, stats.cancelled, stats.rejected) == (1, 1, 0)

@@ -353,6 +353,48 @@ async def test_claims_no_more_than_free_workers(
     assert all(fake.states[state_id].status == "EXECUTED" for state_id in ids)
 
 
+async def test_prefetch_claims_ahead_but_runs_no_more_than_workers(
+    fake: FakeStateManager, make_runtime: MakeRuntime, hold: type[Hold]
+) -> None:
+    ids = [fake.add_state("Hold", {"n": str(index)}) for index in range(10)]
+    runtime = make_runtime([hold], workers=2, prefetch=3, batch_size=16)
+    task = asyncio.ensure_future(runtime.run_until_idle(idle_timeout=0.05))
+
+    await fake.wait_for(lambda: hold.running == 2 and len(fake.by_status("QUEUED")) == 5)
+    await asyncio.sleep(0.05)  # give a wrong implementation time to over-claim or over-run
+    assert len(fake.by_status("QUEUED")) == 5  # two running, three waiting for a worker
+    assert hold.running == 2
+    hold.release.set()
+    await task
+
+    assert hold.peak == 2
+    assert fake.max_queued <= 5
+    assert all(fake.states[state_id].status == "EXECUTED" for state_id in ids)
+
+
+async def test_prefetched_states_not_started_are_handed_back_on_stop(
+    fake: FakeStateManager, make_runtime: MakeRuntime, hold: type[Hold]
+) -> None:
+    ids = [fake.add_state("Hold", {"n": str(index)}) for index in range(3)]
+    runtime = make_runtime([hold], workers=1, prefetch=2)
+    task = asyncio.ensure_future(runtime.run())
+    await fake.wait_for(lambda: hold.running == 1 and len(fake.by_status("QUEUED")) == 3)
+
+    stopping = asyncio.ensure_future(runtime.stop())
+    # The two waiting states go back at once, while the running one still runs.
+    await fake.wait_for(lambda: len(fake.by_status("CREATED")) == 2)
+    assert not stopping.done()
+    hold.release.set()
+    await stopping
+    stats = await task
+
+    assert [fake.states[i].status for i in ids].count("EXECUTED") == 1
+    assert stats.executed == 1
+    assert stats.requeued == 2
+    assert stats.errored == 0
+    assert hold.peak == 1
+
+
 async def test_sync_nodes_run_in_threads_without_blocking_the_loop(
     fake: FakeStateManager, make_runtime: MakeRuntime
 ) -> None:
@@ -596,11 +638,12 @@ def test_configuration_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
             return None
 
     with pytest.raises(ValueError) as raised:
-        Runtime("ns", "rt", [Bad, Echo, Echo], batch_size=0, workers=0)  # type: ignore[list-item]
+        Runtime("ns", "rt", [Bad, Echo, Echo], batch_size=0, workers=0, prefetch=-1)  # type: ignore[list-item]
     message = str(raised.value)
     for expected in (
         "batch_size",
         "workers",
+        "prefetch",
         "EXOSPHERE_STATE_MANAGER_URI",
         "EXOSPHERE_API_KEY",
         "Bad.Outputs.count must be annotated 'str'",

@@ -5,7 +5,9 @@ How a runtime works:
 * **Register** the node classes once (``PUT .../nodes/``), retrying while the server is
   unreachable.
 * **Claim** ready states (``POST .../states/enqueue``), never more than the idle workers can
-  start at once: ``batch_size = min(batch_size, free workers)``. The request asks the server
+  start at once plus ``prefetch``: ``batch_size = min(batch_size, free workers + prefetch
+  not yet held)``. Prefetched states wait here for a worker, so a worker that finishes
+  starts the next state without waiting for a round trip to the server. The request asks the server
   to hold it until work appears (``wait_ms``, a long poll); a server that answers at once
   is polled every ``poll_interval`` seconds instead.
 * **Execute** each state in its own task: fetch secrets if the node declares any, build
@@ -33,6 +35,7 @@ import logging
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,7 +64,7 @@ logger = logging.getLogger("exospherehost.runtime")
 _SHUTDOWN_ERROR = "the worker runtime shut down before the node finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Claim:
     state_id: str
     node_name: str
@@ -96,6 +99,11 @@ class Runtime:
         key: API key; default from ``EXOSPHERE_API_KEY``.
         batch_size: Most states claimed in one request.
         workers: Nodes executed concurrently.
+        prefetch: States claimed beyond the free workers, held until a worker is free
+            (default 0: claim only what can start at once). They count against their
+            lease from the claim and get heartbeats like running ones; other runtimes
+            cannot take them meanwhile. On shutdown, those not started yet are handed
+            back at once (``re-enqueue-after`` of 1 ms, which consumes no retry).
         state_manage_version: API version path segment (the spelling of the published SDK).
         poll_interval: Seconds between polls when the server answers at once with no work.
         wait_ms: How long the server may hold a claim request until work appears (long
@@ -121,6 +129,7 @@ class Runtime:
         poll_interval: float = 1,
         *,
         wait_ms: int = 5_000,
+        prefetch: int = 0,
         heartbeat_interval: float = 30.0,
         graceful_shutdown_timeout: float = 30.0,
         shutdown_report_timeout: float = 30.0,
@@ -138,6 +147,7 @@ class Runtime:
         self._version = state_manage_version
         self._poll_interval = poll_interval
         self._wait_ms = wait_ms
+        self._prefetch = prefetch
         self._heartbeat_interval = heartbeat_interval
         self._graceful_shutdown_timeout = graceful_shutdown_timeout
         self._shutdown_report_timeout = shutdown_report_timeout
@@ -159,7 +169,8 @@ class Runtime:
         self._finished: asyncio.Event | None = None
         self._api: ApiClient | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._running: dict[asyncio.Task[None], _Claim] = {}
+        self._running: dict[asyncio.Task[None], _Claim] = {}  # one task per busy worker
+        self._waiting: deque[_Claim] = deque()  # prefetched, waiting for a worker
         self._reserved = 0  # slots held by claim requests in flight
         self._executing = 0  # slots held by claimed states whose outcome is not known yet
         self._inflight_claim: asyncio.Future[list[Any]] | None = None
@@ -183,6 +194,8 @@ class Runtime:
             problems.append("batch_size must be at least 1")
         if self._workers < 1:
             problems.append("workers must be at least 1")
+        if self._prefetch < 0:
+            problems.append("prefetch must not be negative")
         if self._poll_interval <= 0:
             problems.append("poll_interval must be positive")
         if not 0 <= self._wait_ms <= 30_000:
@@ -397,8 +410,9 @@ class Runtime:
             attempt += 1
 
     def _free_slots(self) -> int:
-        """Workers neither running a node nor reserved by a claim request in flight."""
-        return self._workers - self._executing - self._reserved
+        """How many more states this runtime may claim: its workers and prefetch, less
+        the states it holds (running or waiting) and the claim requests in flight."""
+        return self._workers + self._prefetch - self._executing - self._reserved
 
     def _offer_claim(self) -> ClaimOffer | None:
         """A claim for the free slots, sent along with reports (see :class:`Reporter`)."""
@@ -537,16 +551,32 @@ class Runtime:
             claim.timer = asyncio.get_running_loop().call_later(
                 self._heartbeat_interval, self._start_heartbeat, claim
             )
-        task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
-        claim.task = task
-        self._running[task] = claim
         self._executing += 1
-        task.add_done_callback(self._on_node_done)
+        self._waiting.append(claim)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Give waiting states to the free workers, in the order they were claimed."""
+        while self._waiting and len(self._running) < self._workers:
+            claim = self._waiting.popleft()
+            task = asyncio.create_task(self._handle(claim), name=f"exosphere-{claim.state_id}")
+            claim.task = task
+            self._running[task] = claim
+            task.add_done_callback(self._on_node_done)
+
+    def _hand_back_waiting(self) -> None:
+        """Return the states no worker has started to the server (shutdown): a
+        ``re-enqueue-after`` of 1 ms makes them claimable again and consumes no retry."""
+        if self._waiting:
+            logger.info("handing back %d prefetched state(s) not started", len(self._waiting))
+        while self._waiting:
+            self._report(self._waiting.popleft(), "re-enqueue-after", {"enqueue_after": 1})
 
     def _on_node_done(self, task: asyncio.Task[None]) -> None:
         claim = self._running.pop(task, None)
         if claim is not None:
             self._free_slot(claim)
+        self._start_waiting()
         if self._slot_freed is not None:
             self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover
@@ -657,7 +687,18 @@ class Runtime:
             body = response_body(response)
             if is_run_cancelled(status, body):
                 task = claim.task
-                if task is not None and not task.done() and claim.executing:
+                if claim in self._waiting:  # prefetched, not started: drop it
+                    logger.warning(
+                        "state %s (%s): its run was cancelled before it started",
+                        state_id,
+                        claim.node_name,
+                    )
+                    self._waiting.remove(claim)
+                    self.stats.cancelled += 1
+                    claim.run_cancelled = True
+                    claim.settled()
+                    self._free_slot(claim)
+                elif task is not None and not task.done() and claim.executing:
                     logger.warning(
                         "state %s (%s): its run was cancelled; stopping the node",
                         state_id,
@@ -699,6 +740,7 @@ class Runtime:
             else:
                 poll.cancel()
                 await asyncio.gather(poll, return_exceptions=True)
+        self._hand_back_waiting()
         if self._running:
             logger.info(
                 "waiting up to %.0f s for %d running node(s)",
