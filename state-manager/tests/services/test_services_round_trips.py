@@ -124,6 +124,30 @@ async def test_a_report_with_a_claim_is_few_round_trips(ctx: Context) -> None:
     assert len(log) <= 5
 
 
+async def test_a_batch_writes_its_states_with_one_statement_each_way(ctx: Context) -> None:
+    """Three reports in one batch: their updates and their successors' inserts are one
+    statement each (arrays of values), not a statement per row, and the batch costs no
+    more round trips than a batch of one."""
+    await _chain(ctx)
+    for _ in range(3):
+        await runs.trigger(ctx, "ns", "g", {}, {}, 0)
+    wanted = ClaimRequest(nodes=["A", "B", "C"], batch_size=8)
+    firsts = await states.enqueue(ctx, "ns", wanted.nodes, 8)
+    assert len(firsts) == 3
+    # Warm: statements prepared once per connection are not the steady state.
+    reports = [Executed("ns", state.id, [{}]) for state in firsts]
+    _, seconds = await states.exchange(ctx, "ns", reports, wanted)
+    await ctx.db.batch_driver_connection()
+
+    reports = [Executed("ns", state.id, [{}]) for state in seconds]
+    log: list[str] = []
+    _, thirds = await _count(ctx, log, lambda: states.exchange(ctx, "ns", reports, wanted))
+    assert [state.node_name for state in thirds] == ["C", "C", "C"]
+    print(f"\nround trips per batch (3 reports + claim): {len(log)}", *log, sep="\n  ")
+    assert not [entry for entry in log if entry.startswith("bind_execute_many")]
+    assert len(log) <= 5
+
+
 async def test_a_report_without_a_claim_is_few_round_trips(ctx: Context) -> None:
     """A plain report (v0 ``executed``): its successor waits, so waiters are notified."""
     await _chain(ctx)

@@ -479,12 +479,6 @@ class AsyncpgDriver:
             raise self._translated(sql, params, error) from error
         return rows
 
-    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        try:
-            await self._driver.executemany(sql, params)
-        except Exception as error:
-            raise self._translated(sql, params, error) from error
-
     def _translated(self, sql: str, params: Any, error: Exception) -> Exception:
         dialect = self._connection.dialect
         try:

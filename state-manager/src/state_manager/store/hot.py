@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from state_manager.domain.models import StateStatus
 from state_manager.store.tables import graph_templates, runs, states, store_entries
@@ -75,9 +76,37 @@ def state_params(row: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(dumps_json(row[c]) if c in JSON_COLUMNS else row[c] for c in STATE_COLUMNS)
 
 
+ROW_ARRAYS = frozenset({"postgresql"})
+"""Dialects whose row-wise statements (:func:`insert_rows`, :func:`update_states`) take
+one array per column, all rows at once (:func:`as_arrays`); elsewhere they take one row's
+values and run once per row."""
+
+
+def as_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Row tuples as one list per column: the parameters of a statement for
+    :data:`ROW_ARRAYS` dialects."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+_TABLES = {table.name: table for table in (graph_templates, runs, states, store_entries)}
+
+
+def _unnest(table: str, columns: Sequence[str]) -> str:
+    """``unnest($1::<type>[], ...)``: PostgreSQL rows from one array per column."""
+    types = _TABLES[table].columns
+    pg = postgresql.dialect()  # type: ignore[no-untyped-call]  # (SQLAlchemy leaves it bare)
+    arrays = (f"${i}::{types[c].type.compile(dialect=pg)}[]" for i, c in enumerate(columns, 1))
+    return f"unnest({', '.join(arrays)})"
+
+
 @functools.cache
 def insert_rows(dialect: str, table: str, columns: tuple[str, ...]) -> str:
-    """``INSERT INTO <table> (<columns>) VALUES (...)``, one row per parameter tuple."""
+    """Insert rows of ``columns`` into ``table`` (parameters: see :data:`ROW_ARRAYS`).
+
+    On PostgreSQL one statement inserts them all: one plan and one execution, where a
+    statement per row costs PostgreSQL a plan and an execution each."""
+    if dialect in ROW_ARRAYS:
+        return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM {_unnest(table, columns)}"
     marks = ", ".join(_marks(dialect, len(columns)))
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
@@ -143,13 +172,22 @@ def run_cancelled(row: Sequence[Any]) -> bool:
 
 @functools.cache
 def update_states(dialect: str, columns: tuple[str, ...]) -> str:
-    """``UPDATE states SET <columns> WHERE id = <last parameter>``."""
+    """Set ``columns`` of states by id (parameters: :func:`update_params` per state, see
+    :data:`ROW_ARRAYS`)."""
+    if dialect in ROW_ARRAYS:
+        names = (*columns, "id")
+        sets = ", ".join(f"{column} = changed.{column}" for column in columns)
+        return (
+            f"UPDATE states SET {sets} FROM {_unnest('states', names)} "
+            f"AS changed({', '.join(names)}) WHERE states.id = changed.id"
+        )
     marks = _marks(dialect, len(columns) + 1)
     sets = ", ".join(f"{column} = {mark}" for column, mark in zip(columns, marks, strict=False))
     return f"UPDATE states SET {sets} WHERE id = {marks[-1]}"
 
 
 def update_params(columns: tuple[str, ...], change: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A change's values for :func:`update_states`: the columns, then the id."""
     values = [dumps_json(change[c]) if c in JSON_COLUMNS else change[c] for c in columns]
     return (*values, change["id"])
 

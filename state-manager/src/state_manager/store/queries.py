@@ -60,8 +60,6 @@ class HotDriver(Protocol):
 
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Sequence[Any]]: ...
 
-    async def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
-
 
 def _ids(name: str = "ids") -> sa.BindParameter[Any]:
     return sa.bindparam(name, expanding=True)
@@ -136,16 +134,17 @@ class Tx(Transaction):
             raise _wrapped(sql, params, exc) from exc
         return rows
 
-    async def _driver_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        if self.driver is not None:
-            await self.driver.executemany(sql, [tuple(p) for p in params])
-        elif isinstance(self.connection, AsyncConnection):
-            await self.connection.exec_driver_sql(sql, [tuple(p) for p in params])
-        else:
-            try:
-                self._sqlite().executemany(sql, [hot.sqlite_params(p) for p in params])
-            except sqlite3.Error as exc:
-                raise _wrapped(sql, params, exc) from exc
+    async def _driver_rows(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run a row-wise statement of :mod:`hot` for every row of values: as one
+        statement with one array per column where the dialect takes them
+        (:data:`hot.ROW_ARRAYS`), else once per row."""
+        if self.dialect in hot.ROW_ARRAYS:
+            await self._driver(sql, hot.as_arrays(rows))
+            return
+        try:
+            self._sqlite().executemany(sql, [hot.sqlite_params(row) for row in rows])
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, rows, exc) from exc
 
     def _sqlite(self) -> sqlite3.Connection:
         assert isinstance(self.connection, Connection)
@@ -355,7 +354,7 @@ class Tx(Transaction):
             ("store_entries", hot.STORE_COLUMNS, stores),
         ):
             if values:
-                await self._driver_many(
+                await self._driver_rows(
                     hot.insert_rows(self.dialect, table, columns),
                     [tuple(value[c] for c in columns) for value in values],
                 )
@@ -423,7 +422,7 @@ class Tx(Transaction):
 
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            await self._driver_many(
+            await self._driver_rows(
                 hot.insert_rows(self.dialect, "states", hot.STATE_COLUMNS),
                 [hot.state_params(r) for r in rows],
             )
@@ -485,7 +484,7 @@ class Tx(Transaction):
             columns = tuple(c for c in MUTABLE_STATE_COLUMNS if c in change)
             shapes.setdefault(columns, []).append(hot.update_params(columns, change))
         for columns, params in shapes.items():
-            await self._driver_many(hot.update_states(self.dialect, columns), params)
+            await self._driver_rows(hot.update_states(self.dialect, columns), params)
         self._note_work(changes)
 
     async def insert_states_unless_exist(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
