@@ -261,6 +261,33 @@ async def test_update_states_writes_every_mutable_column(db: Store) -> None:
         }
 
 
+async def test_write_states_changes_some_columns_and_inserts_in_one_call(db: Store) -> None:
+    """A batch's writes: changes of two different sets of columns and new states."""
+    rows = [new_state(status=StateStatus.QUEUED.value, claimed_at=5) for _ in range(3)]
+    async with db.write() as tx:
+        await tx.insert_states(rows)
+    done = {"status": StateStatus.SUCCESS.value, "updated_at": 8}
+    changes = [
+        {"id": rows[0]["id"], "namespace": "ns", **done, "outputs": {"y": "1"}},
+        {"id": rows[1]["id"], "namespace": "ns", **done, "outputs": {"y": "2"}},
+        {"id": rows[2]["id"], "namespace": "ns", "status": "ERRORED", "error": "boom"},
+    ]
+    new = [new_state(inputs={"x": str(i)}) for i in range(2)]
+    async with db.write() as tx:
+        await tx.write_states(changes, new)
+        assert tx.work_namespaces == {"ns"}  # the new states are claimable work
+    async with db.read() as tx:
+        stored = await tx.get_states([r["id"] for r in rows + new])
+    assert [(stored[c["id"]].status, stored[c["id"]].outputs) for c in changes] == [
+        ("SUCCESS", {"y": "1"}),
+        ("SUCCESS", {"y": "2"}),
+        ("ERRORED", rows[2]["outputs"]),  # a column the change did not name is kept
+    ]
+    assert (stored[rows[2]["id"]].error, stored[rows[2]["id"]].updated_at) == ("boom", 1_000)
+    assert [stored[r["id"]].inputs for r in new] == [{"x": "0"}, {"x": "1"}]
+    assert {stored[r["id"]].status for r in new} == {StateStatus.CREATED.value}
+
+
 async def test_work_claimed_by_its_own_transaction_wakes_nobody(db: Store) -> None:
     rows = [new_state(), new_state(node_name="Other")]
     async with db.write() as tx:

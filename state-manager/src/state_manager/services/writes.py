@@ -163,9 +163,8 @@ class _Batch:
             inserted = await tx.insert_states_unless_exist([row for row, _ in self.optional])
             for row, then in self.optional:
                 then(row["id"] in inserted)
-        await tx.update_states(self.updates)
         await tx.insert_runs(self.runs, self.stores)
-        await tx.insert_states(self.inserts)
+        await tx.write_states(self.updates, self.inserts)
         await tx.create_groups(self.groups)
         await settle_groups(tx, self.graphs, self.ledger, self.now, opened=self.opened)
 

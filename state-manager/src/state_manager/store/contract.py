@@ -142,7 +142,16 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
-        """Write changes to several locked states, one statement per set of columns."""
+        """Write changes to several locked states. Each change holds ``id``,
+        ``namespace`` and the columns it sets, all among ``MUTABLE_STATE_COLUMNS``."""
+
+    async def write_states(
+        self, changes: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """:meth:`update_states` with ``changes``, then :meth:`insert_states` with
+        ``rows``: a batch's writes, which a store may send together."""
+        await self.update_states(changes)
+        await self.insert_states(rows)
 
     @abc.abstractmethod
     async def insert_states_unless_exist(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:

@@ -77,9 +77,9 @@ def state_params(row: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 ROW_ARRAYS = frozenset({"postgresql"})
-"""Dialects whose row-wise statements (:func:`insert_rows`, :func:`update_states`) take
+"""Dialects whose row-wise statements (:func:`insert_rows`, :func:`write_states`) take
 one array per column, all rows at once (:func:`as_arrays`); elsewhere they take one row's
-values and run once per row."""
+values and run once per row (:func:`insert_rows`, :func:`update_states`)."""
 
 
 def as_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -91,12 +91,27 @@ def as_arrays(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
 _TABLES = {table.name: table for table in (graph_templates, runs, states, store_entries)}
 
 
-def _unnest(table: str, columns: Sequence[str]) -> str:
-    """``unnest($1::<type>[], ...)``: PostgreSQL rows from one array per column."""
+def _unnest(table: str, columns: Sequence[str], first: int = 1) -> str:
+    """``unnest($<first>::<type>[], ...)``: PostgreSQL rows from one array per column."""
     types = _TABLES[table].columns
     pg = postgresql.dialect()  # type: ignore[no-untyped-call]  # (SQLAlchemy leaves it bare)
-    arrays = (f"${i}::{types[c].type.compile(dialect=pg)}[]" for i, c in enumerate(columns, 1))
+    arrays = (f"${i}::{types[c].type.compile(dialect=pg)}[]" for i, c in enumerate(columns, first))
     return f"unnest({', '.join(arrays)})"
+
+
+def _insert_arrays(table: str, columns: Sequence[str], first: int = 1) -> str:
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM {_unnest(table, columns, first)}"
+    )
+
+
+def _update_arrays(columns: Sequence[str], first: int = 1) -> str:
+    names = (*columns, "id")
+    sets = ", ".join(f"{column} = changed.{column}" for column in columns)
+    return (
+        f"UPDATE states SET {sets} FROM {_unnest('states', names, first)} "
+        f"AS changed({', '.join(names)}) WHERE states.id = changed.id"
+    )
 
 
 @functools.cache
@@ -106,7 +121,7 @@ def insert_rows(dialect: str, table: str, columns: tuple[str, ...]) -> str:
     On PostgreSQL one statement inserts them all: one plan and one execution, where a
     statement per row costs PostgreSQL a plan and an execution each."""
     if dialect in ROW_ARRAYS:
-        return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM {_unnest(table, columns)}"
+        return _insert_arrays(table, columns)
     marks = ", ".join(_marks(dialect, len(columns)))
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
@@ -172,18 +187,33 @@ def run_cancelled(row: Sequence[Any]) -> bool:
 
 @functools.cache
 def update_states(dialect: str, columns: tuple[str, ...]) -> str:
-    """Set ``columns`` of states by id (parameters: :func:`update_params` per state, see
-    :data:`ROW_ARRAYS`)."""
-    if dialect in ROW_ARRAYS:
-        names = (*columns, "id")
-        sets = ", ".join(f"{column} = changed.{column}" for column in columns)
-        return (
-            f"UPDATE states SET {sets} FROM {_unnest('states', names)} "
-            f"AS changed({', '.join(names)}) WHERE states.id = changed.id"
-        )
+    """Set ``columns`` of states by id, one state per parameter tuple
+    (:func:`update_params`). PostgreSQL writes a batch with :func:`write_states`."""
+    assert dialect not in ROW_ARRAYS
     marks = _marks(dialect, len(columns) + 1)
     sets = ", ".join(f"{column} = {mark}" for column, mark in zip(columns, marks, strict=False))
     return f"UPDATE states SET {sets} WHERE id = {marks[-1]}"
+
+
+@functools.cache
+def write_states(updates: tuple[tuple[str, ...], ...], insert: bool) -> str:
+    """PostgreSQL: one statement that updates states, one set of columns per entry of
+    ``updates`` (:func:`update_states`), and inserts new ones (:func:`insert_rows`), so a
+    batch's writes cost one round trip. The parameters are the arrays of each update in
+    order, then those of the insert. The parts touch different rows (new states are not
+    among those changed), so running them on one snapshot changes nothing."""
+    parts: list[str] = []
+    first = 1
+    for columns in updates:
+        parts.append(_update_arrays(columns, first))
+        first += len(columns) + 1
+    if insert:
+        parts.append(_insert_arrays("states", STATE_COLUMNS, first))
+    *ctes, main = parts
+    if not ctes:
+        return main
+    named = ", ".join(f"write{i} AS ({part})" for i, part in enumerate(ctes))
+    return f"WITH {named} {main}"
 
 
 def update_params(columns: tuple[str, ...], change: Mapping[str, Any]) -> tuple[Any, ...]:

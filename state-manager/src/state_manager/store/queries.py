@@ -421,12 +421,7 @@ class Tx(Transaction):
     # -- states -------------------------------------------------------------------
 
     async def insert_states(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        if rows:
-            await self._driver_rows(
-                hot.insert_rows(self.dialect, "states", hot.STATE_COLUMNS),
-                [hot.state_params(r) for r in rows],
-            )
-            self._note_work(rows)
+        await self.write_states((), rows)
 
     @property
     def work_namespaces(self) -> set[str]:
@@ -474,18 +469,33 @@ class Tx(Transaction):
         return LockedStates(found, frozenset(cancelled))
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
-        """Write changes to several locked states, one statement per set of columns.
+        await self.write_states(changes, ())
 
-        Each change holds ``id``, ``namespace`` and the columns it sets, all of them
-        among :data:`MUTABLE_STATE_COLUMNS`.
-        """
+    async def write_states(
+        self, changes: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Change locked states (see :meth:`update_states`) and insert new ones: on
+        PostgreSQL in one statement (:func:`hot.write_states`), elsewhere one statement
+        per set of changed columns and one for the inserts."""
         shapes: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for change in changes:
             columns = tuple(c for c in MUTABLE_STATE_COLUMNS if c in change)
             shapes.setdefault(columns, []).append(hot.update_params(columns, change))
-        for columns, params in shapes.items():
-            await self._driver_rows(hot.update_states(self.dialect, columns), params)
+        new = [hot.state_params(row) for row in rows]
+        if self.dialect in hot.ROW_ARRAYS:
+            if shapes or new:
+                params = [array for p in shapes.values() for array in hot.as_arrays(p)]
+                if new:
+                    params += hot.as_arrays(new)
+                await self._driver(hot.write_states(tuple(shapes), bool(new)), params)
+        else:
+            for columns, values in shapes.items():
+                await self._driver_rows(hot.update_states(self.dialect, columns), values)
+            if new:
+                statement = hot.insert_rows(self.dialect, "states", hot.STATE_COLUMNS)
+                await self._driver_rows(statement, new)
         self._note_work(changes)
+        self._note_work(rows)
 
     async def insert_states_unless_exist(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
         """Insert states, skipping any a unique key (retry key, fingerprint) already holds.
