@@ -7,9 +7,9 @@ How a runtime works:
 * **Claim** ready states (``POST .../states/enqueue``), never more than the idle workers can
   start at once plus ``prefetch``: ``batch_size = min(batch_size, free workers + prefetch
   not yet held)``. Prefetched states wait here for a worker, so a worker that finishes
-  starts the next state without waiting for a round trip to the server. The request asks the server
-  to hold it until work appears (``wait_ms``, a long poll); a server that answers at once
-  is polled every ``poll_interval`` seconds instead.
+  starts the next state without waiting for a round trip to the server. The request asks
+  the server to hold it until work appears (``wait_ms``, a long poll); a server that
+  answers at once is polled every ``poll_interval`` seconds instead.
 * **Execute** each state in its own task: fetch secrets if the node declares any, build
   ``Inputs``/``Secrets``, run ``execute`` (plain ``def`` nodes in a thread pool), and send
   heartbeats while it runs so the server keeps the claim.
@@ -758,6 +758,8 @@ class Runtime:
                     or_stop=False,
                 )
             leftover = list(self._running)
+            # States an answer brought meanwhile must not start as the others stop.
+            self._hand_back_waiting()
             for task in leftover:
                 task.cancel()
             await asyncio.gather(*leftover, return_exceptions=True)
