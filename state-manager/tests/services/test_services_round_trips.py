@@ -24,10 +24,13 @@ from state_manager.metrics import Metrics
 from state_manager.services import graphs, runs, states, writes
 from state_manager.services.context import Context
 from state_manager.services.ops import Executed
+from state_manager.services.progress import state_row
 from state_manager.services.states import ClaimRequest
+from state_manager.store import hot
 from state_manager.store.database import NOTIFY_CHANNEL, Database, _send, unavailable
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+NODE = NodeTemplate(node_name="A", namespace="ns", identifier="a", inputs={})
 
 # The protocol calls that each send messages and wait for the server's answer.
 ROUND_TRIPS = ("query", "prepare", "bind_execute", "bind_execute_many", "bind", "execute")
@@ -206,13 +209,38 @@ async def test_errors_of_the_commit_message_are_mapped_like_any_statement(ctx: C
         await connection.invalidate()
 
 
-async def test_the_kept_connection_plans_each_statement_for_the_table_as_it_is(
+async def test_a_plan_cached_on_a_new_database_still_uses_the_index_later(
     ctx: Context,
 ) -> None:
-    """A generic plan made while the states table was nearly empty scans it whole, and
-    would go on doing so as it grows: the committer's connection plans every time."""
+    """The committer's lock by id, prepared and run while the states table is nearly
+    empty (a new database), must not keep a plan that scans the table as it grows."""
+    await _chain(ctx)
+    await runs.trigger(ctx, "ns", "g", {}, {}, 0)
     kept = await ctx.db.batch_driver_connection()
-    assert await kept.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    execute = "EXECUTE probe('{" + ",".join(f"{i:024x}" for i in range(8)) + "}')"
+    await kept.execute(f"PREPARE probe (text[]) AS {hot.lock_states('postgresql', 8)}")
+    try:
+        for _ in range(10):  # past the executions after which a generic plan may stick
+            await kept.fetch(execute)
+        rows = [
+            state_row(
+                namespace="ns",
+                graph_name="g",
+                run_id=f"run-{i}",
+                node=NODE,
+                inputs={},
+                parents={},
+                groups={},
+                now=0,
+            )
+            for i in range(5_000)
+        ]
+        async with ctx.db.write() as tx:  # no ANALYZE: autovacuum has not seen it yet
+            await tx.insert_states(rows)
+        plan = "\n".join(r[0] for r in await kept.fetch(f"EXPLAIN {execute}"))
+    finally:
+        await kept.execute("DEALLOCATE probe")
+    assert "on states" in plan and "Seq Scan on states" not in plan, plan
 
 
 async def test_the_kept_connection_waits_holding_no_snapshot_and_no_xid(ctx: Context) -> None:

@@ -232,11 +232,13 @@ class Database(Store):
             assert isinstance(engine, AsyncEngine)
             connection = await engine.connect()
             await connection.execution_options(isolation_level="AUTOCOMMIT")
-            # Plan each statement for its parameters and the table as it is now. A generic
-            # plan is kept for good once chosen: one made while the states table was
-            # nearly empty (a new database) scans it whole, and goes on doing so as it
-            # grows until autovacuum next analyzes it.
-            await _send(connection, "SET plan_cache_mode = force_custom_plan")
+            # Every statement of a batch reaches its rows through an index. A plan cached
+            # while the states table was nearly empty (a new database) would scan it
+            # whole instead, and go on doing so as it grows until autovacuum next
+            # analyzes it: seq scans are ruled out here (a table with no usable index is
+            # still scanned). Planning every execution instead (force_custom_plan) cost
+            # PostgreSQL 0.2-0.4 ms per statement.
+            await _send(connection, "SET enable_seqscan = off")
             self._batch_connection = connection
             self._batch_begun = False
         return connection
