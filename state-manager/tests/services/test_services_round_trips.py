@@ -19,7 +19,7 @@ from sm_support import admin_execute, test_settings
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from state_manager.crypto import SecretBox
-from state_manager.domain.models import GraphSpec, NodeTemplate
+from state_manager.domain.models import GraphSpec, NodeTemplate, StoreConfig, Unites
 from state_manager.metrics import Metrics
 from state_manager.services import graphs, runs, states, writes
 from state_manager.services.context import Context
@@ -168,6 +168,60 @@ async def test_a_report_without_a_claim_is_few_round_trips(ctx: Context) -> None
     # pg_notify(...); COMMIT; BEGIN" (BEGIN, the notify, the read of the runs and the
     # insert used to be round trips of their own)
     assert len(log) <= 3
+
+
+async def test_a_fan_out_child_reads_no_store_for_its_uniting_successor(ctx: Context) -> None:
+    """A child whose only successor unites the fan-out creates no state when it reports:
+    the store that the uniting node's inputs read is read when its group completes, not
+    once per report of a child."""
+
+    def schema(*fields: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {f: {"type": "string"} for f in fields}}
+
+    fields = {"A": ((), ("x",)), "B": (("x",), ()), "J": (("k",), ())}
+    await graphs.register_nodes(
+        ctx,
+        "ns",
+        "rt",
+        [
+            {"name": n, "inputs_schema": schema(*i), "outputs_schema": schema(*o), "secrets": []}
+            for n, (i, o) in fields.items()
+        ],
+    )
+    nodes = [
+        NodeTemplate(node_name="A", namespace="ns", identifier="a", inputs={}, next_nodes=["b"]),
+        NodeTemplate(
+            node_name="B",
+            namespace="ns",
+            identifier="b",
+            inputs={"x": "${{ a.outputs.x }}"},
+            next_nodes=["j"],
+        ),
+        NodeTemplate(
+            node_name="J",
+            namespace="ns",
+            identifier="j",
+            inputs={"k": "${{ store.k }}"},
+            unites=Unites(identifier="a"),
+        ),
+    ]
+    spec = GraphSpec(nodes=nodes, store_config=StoreConfig(default_values={"k": "v"}))
+    await graphs.upsert_graph(ctx, "ns", "g", spec, {})
+    assert await graphs.validate_pending(ctx) == 1
+    await runs.trigger(ctx, "ns", "g", {}, {}, 0)
+    (root,) = await states.enqueue(ctx, "ns", ["A"], 8)
+    await states.executed(ctx, "ns", root.id, [{"x": str(i)} for i in range(3)])
+    first, second, third = await states.enqueue(ctx, "ns", ["B"], 8)
+    await states.executed(ctx, "ns", first.id, [{}])  # warm, as above
+    await ctx.db.batch_driver_connection()
+
+    log: list[str] = []
+    await _count(ctx, log, lambda: states.executed(ctx, "ns", second.id, [{}]))
+    print(f"\nround trips per batch (fan-out child): {len(log)}", *log, sep="\n  ")
+    assert not [entry for entry in log if "store_entries" in entry]
+    await states.executed(ctx, "ns", third.id, [{}])
+    (join,) = await states.enqueue(ctx, "ns", ["J"], 8)
+    assert join.inputs == {"k": "v"}  # the group's completion read the store
 
 
 async def test_wake_ups_carry_any_namespace_through_the_commit(ctx: Context) -> None:

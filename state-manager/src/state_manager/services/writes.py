@@ -250,9 +250,10 @@ class _Batch:
         for item in items:
             graph = self.graphs[item.state.run_id]
             node = graph.node(item.state.identifier)
-            templates = [
+            templates = [  # (a uniting successor is created by its group, later)
                 template
                 for successor in node.successors()
+                if graph.node(successor).unites is None
                 for template in graph.parsed_inputs[successor].values()
             ]
             wants.append((item.state.run_id, templates, item.state.parents))
