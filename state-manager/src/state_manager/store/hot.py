@@ -145,6 +145,17 @@ def template_values(row: Sequence[Any]) -> dict[str, Any]:
 
 
 @functools.cache
+def adjust_group(dialect: str) -> str:
+    """Add to a fan-in group's counters (parameters: group id, pending, failed) and
+    return them after the change (what every report of a fan-out child runs)."""
+    group_id, pending, failed = _marks(dialect, 3)
+    return (
+        f"UPDATE fanin_groups SET pending = pending + {pending}, failed = failed + {failed} "
+        f"WHERE group_id = {group_id} RETURNING pending, failed"
+    )
+
+
+@functools.cache
 def lock_states(dialect: str, count: int) -> str:
     """The payload-free columns of ``count`` states by id (:func:`lock_params`), then
     their run's ``cancelled_at`` (NULL: not cancelled, or no run). On PostgreSQL the states

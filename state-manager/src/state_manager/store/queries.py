@@ -77,15 +77,6 @@ _STORES = sa.select(store_entries).where(store_entries.c.run_id.in_(_ids()))
 _RUN_VERSIONS = sa.select(runs.c.run_id, runs.c.version_id).where(runs.c.run_id.in_(_ids()))
 _PENDING = sorted(s.value for s in RUN_PENDING_STATE_STATUSES)
 _CREATE_GROUPS = fanin_groups.insert()
-_ADJUST_GROUP = (
-    fanin_groups.update()
-    .where(fanin_groups.c.group_id == sa.bindparam("b_group_id"))
-    .values(
-        pending=fanin_groups.c.pending + sa.bindparam("d_pending"),
-        failed=fanin_groups.c.failed + sa.bindparam("d_failed"),
-    )
-    .returning(fanin_groups.c.pending, fanin_groups.c.failed)
-)
 
 
 def _wrapped(sql: str, params: Any, error: sqlite3.Error) -> StatementError:
@@ -611,11 +602,8 @@ class Tx(Transaction):
         self, group_id: str, pending: int, failed: int
     ) -> tuple[int, int] | None:
         """Add to a group's counters and return them (pending, failed) after the change."""
-        result = await self._execute(
-            _ADJUST_GROUP, {"b_group_id": group_id, "d_pending": pending, "d_failed": failed}
-        )
-        row = result.first()
-        return (int(row[0]), int(row[1])) if row else None
+        rows = await self._driver(hot.adjust_group(self.dialect), [group_id, pending, failed])
+        return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
     # -- cron triggers ------------------------------------------------------------
 
