@@ -149,7 +149,8 @@ class Transaction(abc.ABC):
         self, changes: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
     ) -> None:
         """:meth:`update_states` with ``changes``, then :meth:`insert_states` with
-        ``rows``: a batch's writes, which a store may send together."""
+        ``rows``: a batch's writes, which a store may send together (so at most one
+        change per state, and no new state among those changed)."""
         await self.update_states(changes)
         await self.insert_states(rows)
 

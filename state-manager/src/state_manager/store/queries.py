@@ -474,6 +474,8 @@ class Tx(Transaction):
             shapes.setdefault(columns, []).append(hot.update_params(columns, change))
         new = [hot.state_params(row) for row in rows]
         if self.dialect in hot.ROW_ARRAYS:
+            # One statement: a state changed twice in it would get either change.
+            assert len({change["id"] for change in changes}) == len(changes)
             if shapes or new:
                 params = [array for p in shapes.values() for array in hot.as_arrays(p)]
                 if new:
