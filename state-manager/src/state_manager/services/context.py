@@ -116,6 +116,23 @@ class CompiledGraph:
             }
         return parsed
 
+    @cached_property
+    def _edge_successors(self) -> dict[str, list[NodeTemplate]]:
+        return {
+            node.identifier: [
+                successor
+                for successor in map(self.node, node.successors())
+                if successor.unites is None
+            ]
+            for node in self.spec.nodes
+        }
+
+    def edge_successors(self, identifier: str) -> list[NodeTemplate]:
+        """The successors an executed state of ``identifier`` creates; a uniting
+        successor is left out: its fan-in group creates it once the group completes."""
+        self.node(identifier)  # NotFound for an identifier not in this version
+        return self._edge_successors[identifier]
+
     def timeout_ms(self, identifier: str) -> int | None:
         """The timeout (ms) of new states of ``identifier``: the node's, else the graph's."""
         return timeouts.timeout_ms(self.node(identifier).timeout, self.spec.timeout)

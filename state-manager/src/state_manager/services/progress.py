@@ -296,16 +296,13 @@ def successor_rows(
     :class:`templating.TemplateError` when an input cannot be rendered.
     """
     identifier = member["identifier"]
-    node = graph.node(identifier)
     parents = {**member["parents"], identifier: member["id"]}
     groups = dict(member["groups"])
     if identifier in graph.uniting_by_target:
         groups[identifier] = member["group_id"]
     rows: list[dict[str, Any]] = []
-    for successor_id in node.successors():
-        successor = graph.node(successor_id)
-        if successor.unites is not None:
-            continue  # created by its group, not by an edge
+    for successor in graph.edge_successors(identifier):
+        successor_id = successor.identifier
         inputs = resolver.render(
             graph,
             member["run_id"],

@@ -249,12 +249,10 @@ class _Batch:
         wants = []
         for item in items:
             graph = self.graphs[item.state.run_id]
-            node = graph.node(item.state.identifier)
-            templates = [  # (a uniting successor is created by its group, later)
+            templates = [
                 template
-                for successor in node.successors()
-                if graph.node(successor).unites is None
-                for template in graph.parsed_inputs[successor].values()
+                for successor in graph.edge_successors(item.state.identifier)
+                for template in graph.parsed_inputs[successor.identifier].values()
             ]
             wants.append((item.state.run_id, templates, item.state.parents))
         await resolver.preload(wants)
