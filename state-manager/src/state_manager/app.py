@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from state_manager import __version__, dashboard
 from state_manager.api import openapi
+from state_manager.api.hot import HotPath
 from state_manager.api.middleware import RequestContextMiddleware
-from state_manager.api.routes import v0
+from state_manager.api.routes import refusal, v0
 from state_manager.background import loops
 from state_manager.crypto import SecretBox, SecretDecryptionError
 from state_manager.errors import StateManagerError
@@ -26,7 +27,7 @@ from state_manager.services import operations, writes
 from state_manager.services.context import Context
 from state_manager.settings import Settings
 from state_manager.store import open_store
-from state_manager.store.failures import DATABASE_ERRORS, unavailable
+from state_manager.store.failures import DATABASE_ERRORS
 
 logger = logging.getLogger(__name__)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -89,24 +90,15 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
         redoc_url=None,
     )
 
-    @app.exception_handler(StateManagerError)
-    async def _domain_error(_request: Request, exc: StateManagerError) -> JSONResponse:
-        body = {"detail": exc.detail}
-        if exc.code is not None:
-            body["code"] = exc.code
-        return JSONResponse(body, status_code=exc.status_code)
-
-    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
-        error = unavailable(exc)
-        if error is None:
+    async def _refused(request: Request, exc: Exception) -> JSONResponse:
+        answer = refusal(exc, request.url.path)
+        if answer is None:
             raise exc  # a bug: the request middleware logs it and answers 500
-        logger.warning(
-            "database unavailable: %s", type(exc).__name__, extra={"path": request.url.path}
-        )
-        return await _domain_error(request, error)
+        return answer
 
+    app.add_exception_handler(StateManagerError, _refused)
     for error_type in DATABASE_ERRORS:
-        app.add_exception_handler(error_type, _database_error)  # type: ignore[arg-type]
+        app.add_exception_handler(error_type, _refused)  # type: ignore[arg-type]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -159,6 +151,7 @@ def create_app(settings: Settings, *, run_background: bool = True) -> FastAPI:
     app.include_router(v0)
     dashboard.install(app, settings)
     openapi.install(app, settings)
+    app.add_middleware(HotPath)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_request_bytes
     )

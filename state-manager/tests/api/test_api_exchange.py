@@ -194,3 +194,25 @@ async def test_malformed_exchanges_are_refused_whole(client: httpx.AsyncClient) 
     # Nothing of a refused request was applied: the state is still queued.
     r = await api.post_state(state, "executed", {"outputs": [{"y": "1"}]})
     assert r.status_code == 200, r.text
+
+
+async def test_exchanges_are_timed_under_their_route_template(client: httpx.AsyncClient) -> None:
+    """Answered on the short path (200) or by FastAPI (422), the request is labelled with
+    the route's template, as every other route's requests are."""
+    api = Api(client, NS)
+    await _graph(api)
+    route = "/v0/namespace/{namespace_name}/states/exchange"
+
+    async def count(status: str) -> float:
+        text = (await client.get("/metrics")).text
+        wanted = f'method="POST",route="{route}",status="{status}"'
+        for line in text.splitlines():
+            if line.startswith("exosphere_http_request_duration_seconds_count{") and wanted in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    ok, invalid = await count("200"), await count("422")
+    await _exchange(api, {"claim": {"nodes": ["A"], "batch_size": 1}})
+    r = await client.post(f"{api.base}/states/exchange", json={"reports": [{"kind": "x"}]})
+    assert r.status_code == 422
+    assert (await count("200"), await count("422")) == (ok + 1, invalid + 1)

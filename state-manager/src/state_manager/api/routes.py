@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -18,6 +19,7 @@ from fastapi import (
     Security,
     status,
 )
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from state_manager.api import schemas
@@ -36,6 +38,7 @@ from state_manager.services.ops import (
     StateOp,
 )
 from state_manager.store.contract import ClaimedRow, GraphStateRow, TemplateRow
+from state_manager.store.failures import unavailable
 
 
 async def get_context(request: Request) -> Context:
@@ -71,11 +74,29 @@ async def require_api_key(
     request: Request, x_api_key: Annotated[str | None, Security(api_key_header)]
 ) -> None:
     """Every /v0 route needs ``x-api-key`` equal to ``STATE_MANAGER_SECRET`` (constant time)."""
-    expected: str = request.app.state.context.settings.state_manager_secret
-    if x_api_key is None or not hmac.compare_digest(
-        x_api_key.encode("utf-8"), expected.encode("utf-8")
-    ):
+    if not api_key_accepted(request.app.state.context, x_api_key):
         raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail="Invalid API key")
+
+
+def api_key_accepted(ctx: Context, key: str | None) -> bool:
+    """Whether ``key`` equals ``STATE_MANAGER_SECRET`` (compared in constant time)."""
+    expected = ctx.settings.state_manager_secret
+    return key is not None and hmac.compare_digest(key.encode("utf-8"), expected.encode("utf-8"))
+
+
+def refusal(exc: Exception, path: str) -> JSONResponse | None:
+    """The answer to a request that ``exc`` stopped: a domain error's status with its
+    ``detail`` (and ``code``), a 503 when the database cannot serve (logged). None for
+    any other exception: a bug, which the request middleware logs and answers 500."""
+    error = exc if isinstance(exc, StateManagerError) else unavailable(exc)
+    if error is None:
+        return None
+    if error is not exc:
+        logger.warning("database unavailable: %s", type(exc).__name__, extra={"path": path})
+    body = {"detail": error.detail}
+    if error.code is not None:
+        body["code"] = error.code
+    return JSONResponse(body, status_code=error.status_code)
 
 
 # Every /v0 route can answer these; routes add theirs (404, 409) with ``errors``.
@@ -295,8 +316,19 @@ async def exchange_states(
     """Extension: several reports and a claim in one request and one transaction.
 
     Each report gets the status and body its own route would have answered; the claim
-    already sees the states those reports created.
+    already sees the states those reports created. (Requests that pass the key check and
+    the body's validation are answered by :mod:`state_manager.api.hot` before routing.)
     """
+    return await exchange_answer(ctx, namespace_name, body, request.is_disconnected)
+
+
+async def exchange_answer(
+    ctx: Context,
+    namespace_name: str,
+    body: schemas.ExchangeRequest,
+    caller_gone: Callable[[], Awaitable[bool]],
+) -> Response:
+    """The answer to a valid exchange request (see :func:`exchange_states`)."""
     if len(body.reports) > ctx.settings.max_batch_size:
         raise InvalidRequest(
             f"{len(body.reports)} reports exceed the limit of {ctx.settings.max_batch_size}"
@@ -312,7 +344,7 @@ async def exchange_states(
         namespace_name,
         [_report_op(namespace_name, report) for report in body.reports],
         states.ClaimRequest(claim.nodes, claim.batch_size, claim.wait_ms) if claim else None,
-        caller_gone=request.is_disconnected,
+        caller_gone=caller_gone,
     )
     return _json(
         {
