@@ -216,3 +216,29 @@ async def test_exchanges_are_timed_under_their_route_template(client: httpx.Asyn
     r = await client.post(f"{api.base}/states/exchange", json={"reports": [{"kind": "x"}]})
     assert r.status_code == 422
     assert (await count("200"), await count("422")) == (ok + 1, invalid + 1)
+
+
+async def test_a_claim_takes_waiting_states_first_then_those_its_batch_creates(
+    client: httpx.AsyncClient,
+) -> None:
+    api = Api(client, NS)
+    await _graph(api)
+    one, two, three = await _claim_a(api, 3)
+    await api.executed(one, {"y": "1"})  # its B waits
+    answer = await _exchange(
+        api,
+        {
+            "reports": [
+                {"state_id": two, "kind": "executed", "outputs": [{"y": "2"}]},
+                {"state_id": three, "kind": "executed", "outputs": [{"y": "3"}]},
+            ],
+            "claim": {"nodes": ["B"], "batch_size": 2},
+        },
+    )
+    # The waiting one first, then the first one the reports created; the limit holds.
+    assert [s["inputs"]["z"] for s in answer["states"]] == ["1", "2"]
+    assert [s["inputs"]["z"] for s in await api.claim("B", batch_size=5)] == ["3"]
+    for state in answer["states"]:
+        assert (
+            await api.post_state(state["state_id"], "executed", {"outputs": []})
+        ).status_code == 200

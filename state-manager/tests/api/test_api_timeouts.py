@@ -133,3 +133,37 @@ async def test_timeouts_are_stored_and_shown(api: Api) -> None:
     got = await api.get_graph("g")
     assert got["timeout"] == 7 * 24 * 3600
     assert [n["timeout"] for n in got["nodes"]] == [5, None]
+
+
+async def test_states_claimed_by_an_exchange_get_leases_that_end_at_their_timeout(
+    api: Api, database_url: str
+) -> None:
+    """An exchange's claim takes the states that were waiting with the lock of its
+    reports, and the states its reports create as they are written: both kinds end
+    their lease at the node's timeout, as a claim of its own would."""
+    await api.create_graph("g", _graph(api.ns, a_timeout=None, graph_timeout=30, retries=0))
+    first_run, second_run = await api.trigger("g"), await api.trigger("g")
+    first, second = await api.claim("A", batch_size=2)
+    await api.executed(first["state_id"], {"x": "1"})  # its B waits
+    r = await api.client.post(
+        f"{api.base}/states/exchange",
+        json={
+            "reports": [
+                {"state_id": second["state_id"], "kind": "executed", "outputs": [{"x": "2"}]}
+            ],
+            "claim": {"nodes": ["B"], "batch_size": 5},
+        },
+    )
+    assert r.status_code == 200, r.text
+    claimed = {s["state_id"] for s in r.json()["states"]}
+    states = [
+        s
+        for run_id in (first_run, second_run)
+        for s in await _states(database_url, api, run_id)
+        if s.node_name == "B"
+    ]
+    assert {s.id for s in states} == claimed and len(claimed) == 2
+    for state in states:
+        assert state.status == "QUEUED"
+        assert state.claimed_at is not None
+        assert state.lease_expires_at == state.claimed_at + 30_000  # not the 60 s lease

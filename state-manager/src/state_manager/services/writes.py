@@ -1,19 +1,25 @@
 """Applying a batch of operations in one transaction, with a few statements per batch.
 
 The committer hands :func:`run_batch` every operation queued at one moment. They take
-effect as if applied one after the other in this order: changes to existing states
-(reports, signals, heartbeats, manual retries, expired leases), then new runs, then
-run cancellations, then claims, so a claim already sees the states that the reports of
-its batch created, and a cancellation catches them too. Each
-operation gets its own outcome: a value, or the domain error a client would get had it
-been alone. A refused operation writes nothing, so refusals never undo the others.
+effect as if applied one after the other in this order: the batch's first claim (unless
+the batch cancels a run), changes to existing states (reports, signals, heartbeats,
+manual retries, expired leases), new runs, run cancellations, then the other claims.
+The first claim takes the states that were waiting and, up to its limit, the states
+that the batch's reports and triggers create and it would find claimable (not retries
+and fan-in successors, whose insert depends on what the database already holds): those
+are written claimed. So a worker that reports and claims in one request gets the
+successors of its reports at once, and a cancellation catches every state its batch
+creates. Each operation gets its own outcome: a value, or the domain error a client
+would get had it been alone. A refused operation writes nothing, so refusals never undo
+the others.
 
-Statements per batch, whatever its size: lock the target states, look up the graphs,
-stores and ancestor outputs they need, update the states, insert the new states, runs
-and store entries, open fan-in groups and adjust each touched group once, and one claim
-statement per claim operation. Triggers with idempotency keys add one insert of their keys
-(and one read of the keys already held) per round: triggers of one batch sharing a key go
-in successive rounds, as if they had come one after the other.
+Statements per batch, whatever its size: lock the target states together with the
+first claim, look up the graphs, stores and ancestor outputs they need, update the
+states and insert the new states, runs and store entries, open fan-in groups and adjust
+each touched group once, and one claim statement per further claim operation. Triggers
+with idempotency keys add one insert of their keys (and one read of the keys already
+held) per round: triggers of one batch sharing a key go in successive rounds, as if they
+had come one after the other.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from state_manager.services.progress import (
 )
 from state_manager.store.contract import (
     ClaimedRow,
+    ClaimQuery,
     StateCore,
     TemplateRow,
     Transaction,
@@ -129,15 +136,21 @@ class _Batch:
     opened: set[str] = field(default_factory=set)
     ledger: GroupLedger = field(default_factory=GroupLedger)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    early: _EarlyClaim | None = None
 
     async def apply(self, tx: Transaction, ops: Sequence[Op[Any]]) -> list[Any]:
         outcomes: list[Any] = [None] * len(ops)
+        self.early = self._early_claim(ops)
         state_ops = [(i, op) for i, op in enumerate(ops) if isinstance(op, StateOp)]
         if state_ops:
             await self._change_states(tx, state_ops, outcomes)
+        elif self.early is not None:
+            self.early.claimed = await tx.claim(*self.early.query)
         triggers = [(i, op) for i, op in enumerate(ops) if isinstance(op, Trigger)]
         if triggers:
             await self._start_runs(tx, triggers, outcomes)
+        if self.early is not None:
+            self._hand_over(self.early)
         await self.write(tx)
         for index, op in enumerate(ops):
             if isinstance(op, CancelRun):
@@ -146,7 +159,11 @@ class _Batch:
                 except StateManagerError as exc:
                     outcomes[index] = exc
         for index, op in enumerate(ops):
-            if isinstance(op, Claim):
+            if not isinstance(op, Claim):
+                continue
+            if self.early is not None and index == self.early.index:
+                outcomes[index] = self.early.claimed
+            else:
                 outcomes[index] = await self._claim(tx, op)
         return outcomes
 
@@ -174,7 +191,10 @@ class _Batch:
         self, tx: Transaction, items: list[tuple[int, StateOp[Any]]], outcomes: list[Any]
     ) -> None:
         ids = [op.state_id.lower() for _, op in items if is_object_id(op.state_id)]
-        locked = await tx.lock_states(ids)
+        if self.early is not None:
+            locked, self.early.claimed = await tx.lock_and_claim(ids, self.early.query)
+        else:
+            locked = await tx.lock_states(ids)
         found, cancelled = locked.states, locked.cancelled_runs
         accepted: list[_Accepted] = []
         for index, op in items:
@@ -612,26 +632,82 @@ class _Batch:
 
     # -- claims -----------------------------------------------------------------------------
 
-    async def _claim(self, tx: Transaction, op: Claim) -> list[ClaimedRow]:
+    def _claim_query(self, op: Claim) -> ClaimQuery | None:
+        """What ``op`` asks the store for; None when it asks for nothing."""
         limit = min(op.limit, self.ctx.settings.max_batch_size)
         if limit <= 0 or not op.node_names:
-            return []
+            return None
         lease_until = self.lease_until(self.now, None)
-        claimed = await tx.claim(op.namespace, op.node_names, limit, self.now, lease_until)
-        # States with a timeout shorter than the lease: their lease ends at the timeout.
-        shorter = [
+        return ClaimQuery(op.namespace, op.node_names, limit, self.now, lease_until)
+
+    def _early_claim(self, ops: Sequence[Op[Any]]) -> _EarlyClaim | None:
+        """The batch's first claim, to be applied first, unless the batch cancels a run
+        (its claims then come after the cancellation, so they never take a state that
+        the batch cancels)."""
+        if any(isinstance(op, CancelRun) for op in ops):
+            return None
+        for index, op in enumerate(ops):
+            if isinstance(op, Claim):
+                query = self._claim_query(op)
+                return None if query is None else _EarlyClaim(index, query)
+        return None
+
+    def _hand_over(self, early: _EarlyClaim) -> None:
+        """Give the early claim, up to its limit, the new states of this batch it would
+        find claimable (in the order they were made): they are inserted claimed. The
+        waiting states it took get their leases cut to their timeouts in the same write."""
+        self.updates += self._leases(early.claimed, early.query.lease_until)
+        names = set(early.query.node_names)
+        for row in self.inserts:
+            if len(early.claimed) >= early.query.limit:
+                break
+            if (
+                row["status"] == StateStatus.CREATED.value
+                and row["namespace"] == early.query.namespace
+                and row["node_name"] in names
+                and row["enqueue_after"] <= self.now
+            ):
+                row["status"] = StateStatus.QUEUED.value
+                row["claimed_at"] = self.now
+                row["lease_expires_at"] = self.lease_until(self.now, row["timeout_ms"])
+                early.claimed.append(ClaimedRow.from_row(row))
+        self._count_claims(early.claimed)
+
+    async def _claim(self, tx: Transaction, op: Claim) -> list[ClaimedRow]:
+        query = self._claim_query(op)
+        if query is None:
+            return []
+        claimed = await tx.claim(*query)
+        await tx.update_states(self._leases(claimed, query.lease_until))
+        self._count_claims(claimed)
+        return claimed
+
+    def _leases(self, claimed: Sequence[ClaimedRow], lease_until: int) -> list[dict[str, Any]]:
+        """Lease changes for claimed states whose timeout ends before the lease would."""
+        return [
             {"id": s.id, "namespace": s.namespace, "lease_expires_at": until}
             for s in claimed
             if s.timeout_ms is not None
             and (until := self.lease_until(self.now, s.timeout_ms)) != lease_until
         ]
-        await tx.update_states(shorter)
+
+    def _count_claims(self, claimed: Sequence[ClaimedRow]) -> None:
         metrics = self.ctx.metrics.states_claimed
         for state in claimed:
             self.after_commit.append(
                 self.ctx.metrics.child(metrics, state.namespace, state.node_name).inc
             )
-        return claimed
+
+
+@dataclass
+class _EarlyClaim:
+    """A claim applied at the start of its batch (with the lock of the reported states,
+    in one statement where the store allows): the states that were waiting, then new
+    states of the batch handed over before they are written (:meth:`_Batch._hand_over`)."""
+
+    index: int
+    query: ClaimQuery
+    claimed: list[ClaimedRow] = field(default_factory=list)
 
 
 def _distinct_keys(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from state_manager.domain.models import TriggerStatus, ValidationStatus
 from state_manager.store.rows import (
@@ -29,6 +29,16 @@ from state_manager.store.rows import (
     TriggerRow,
     VersionRow,
 )
+
+
+class ClaimQuery(NamedTuple):
+    """The arguments of :meth:`Transaction.claim`."""
+
+    namespace: str
+    node_names: Sequence[str]
+    limit: int
+    now: int
+    lease_until: int
 
 
 class Transaction(abc.ABC):
@@ -169,6 +179,13 @@ class Transaction(abc.ABC):
         self, namespace: str, node_names: Sequence[str], limit: int, now: int, lease_until: int
     ) -> list[ClaimedRow]:
         """Atomically move up to ``limit`` claimable states to QUEUED, oldest first."""
+
+    async def lock_and_claim(
+        self, state_ids: Iterable[str], claim: ClaimQuery
+    ) -> tuple[LockedStates, list[ClaimedRow]]:
+        """:meth:`lock_states`, then :meth:`claim`: the first statements of a batch that
+        reports and claims, which a store may send together."""
+        return await self.lock_states(state_ids), await self.claim(*claim)
 
     @abc.abstractmethod
     async def next_claimable_at(self, namespace: str, node_names: Sequence[str]) -> int | None:
@@ -391,6 +408,7 @@ class Store(abc.ABC):
 
 
 __all__ = [
+    "ClaimQuery",
     "ClaimedRow",
     "FaninGroup",
     "GraphStateRow",

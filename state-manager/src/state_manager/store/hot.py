@@ -43,6 +43,7 @@ CLAIMED_COLUMNS = (
     "created_at",
     "timeout_ms",
 )
+_CORE_POSITION = {column: position for position, column in enumerate(CORE_COLUMNS)}
 
 
 def dumps_json(value: Any) -> str:
@@ -155,6 +156,25 @@ def adjust_group(dialect: str) -> str:
     )
 
 
+def _lock(dialect: str, count: int, first: int = 1) -> tuple[str, str]:
+    """The common table expressions of :func:`lock_states` and their final select."""
+    if dialect == "postgresql":
+        ids, state_lock, run_lock = f"= ANY(${first})", " FOR UPDATE", " FOR KEY SHARE"
+    else:
+        ids, state_lock, run_lock = f"IN ({', '.join(_marks(dialect, count))})", "", ""
+    ctes = (
+        f"locked AS (SELECT {', '.join(CORE_COLUMNS)} FROM states "
+        f"WHERE id {ids} ORDER BY id{state_lock}), "
+        "their_runs AS (SELECT run_id, cancelled_at FROM runs "
+        f"WHERE run_id IN (SELECT run_id FROM locked){run_lock})"
+    )
+    select = (
+        f"SELECT {', '.join(f'locked.{c}' for c in CORE_COLUMNS)}, their_runs.cancelled_at "
+        "FROM locked LEFT JOIN their_runs ON their_runs.run_id = locked.run_id"
+    )
+    return ctes, select
+
+
 @functools.cache
 def lock_states(dialect: str, count: int) -> str:
     """The payload-free columns of ``count`` states by id (:func:`lock_params`), then
@@ -163,18 +183,31 @@ def lock_states(dialect: str, count: int) -> str:
     so a cancellation, which locks its run for update, either waits for this transaction
     or makes it see the run cancelled. PostgreSQL takes the ids as one array, so one
     prepared statement serves every count."""
-    if dialect == "postgresql":
-        ids, state_lock, run_lock = "= ANY($1)", " FOR UPDATE", " FOR KEY SHARE"
-    else:
-        ids, state_lock, run_lock = f"IN ({', '.join(_marks(dialect, count))})", "", ""
+    ctes, select = _lock(dialect, count)
+    return f"WITH {ctes} {select}"
+
+
+@functools.cache
+def lock_and_claim() -> str:
+    """PostgreSQL: :func:`lock_states` and :func:`claim` in one statement, so a batch
+    that reports and claims spends one round trip on both (parameters: those of
+    :func:`claim_params`, then the array of ids). Each row starts with its kind: 0, then
+    a row of :func:`lock_states`; 1, then a claimed state in the same layout (its
+    :data:`CLAIMED_COLUMNS`, the others NULL). The claim takes CREATED states, which no
+    report changes, so the two parts never touch the same row."""
+    ctes, select = _lock("postgresql", 0, first=6)
+    claimed = ", ".join(f"claimed.{c}" if c in CLAIMED_COLUMNS else "NULL" for c in CORE_COLUMNS)
     return (
-        f"WITH locked AS (SELECT {', '.join(CORE_COLUMNS)} FROM states "
-        f"WHERE id {ids} ORDER BY id{state_lock}), "
-        "their_runs AS (SELECT run_id, cancelled_at FROM runs "
-        f"WHERE run_id IN (SELECT run_id FROM locked){run_lock}) "
-        f"SELECT {', '.join(f'locked.{c}' for c in CORE_COLUMNS)}, their_runs.cancelled_at "
-        "FROM locked LEFT JOIN their_runs ON their_runs.run_id = locked.run_id"
+        f"WITH {ctes}, claimed AS ({claim('postgresql', 0)}) "
+        f"SELECT 0, {select.removeprefix('SELECT ')} "
+        f"UNION ALL SELECT 1, {claimed}, NULL FROM claimed"
     )
+
+
+def claimed_from_core(row: Sequence[Any]) -> dict[str, Any]:
+    """A claimed state of :func:`lock_and_claim` (after its kind) as keyword arguments
+    of ``ClaimedRow``."""
+    return claimed_values([row[_CORE_POSITION[c]] for c in CLAIMED_COLUMNS])
 
 
 def lock_params(dialect: str, ids: list[str]) -> list[Any]:

@@ -24,7 +24,7 @@ from state_manager.domain.models import (
     ValidationStatus,
 )
 from state_manager.store import hot
-from state_manager.store.contract import Transaction
+from state_manager.store.contract import ClaimQuery, Transaction
 from state_manager.store.rows import (
     MUTABLE_STATE_COLUMNS,
     ClaimedRow,
@@ -449,15 +449,28 @@ class Tx(Transaction):
         ids = sorted(set(state_ids))
         if not ids:
             return LockedStates({}, frozenset())
-        found: dict[str, StateCore] = {}
-        cancelled: set[str] = set()
         sql = hot.lock_states(self.dialect, len(ids))
-        for row in await self._driver(sql, hot.lock_params(self.dialect, ids)):
-            state = StateCore(**hot.core_values(row))
-            found[state.id] = state
-            if hot.run_cancelled(row):
-                cancelled.add(state.run_id)
-        return LockedStates(found, frozenset(cancelled))
+        return _locked(await self._driver(sql, hot.lock_params(self.dialect, ids)))
+
+    async def lock_and_claim(
+        self, state_ids: Iterable[str], claim: ClaimQuery
+    ) -> tuple[LockedStates, list[ClaimedRow]]:
+        """On PostgreSQL one statement (:func:`hot.lock_and_claim`)."""
+        ids = sorted(set(state_ids))
+        if self.dialect != "postgresql" or not ids:
+            return await super().lock_and_claim(ids, claim)
+        params = hot.claim_params(
+            self.dialect,
+            claim.now,
+            claim.lease_until,
+            claim.namespace,
+            list(claim.node_names),
+            claim.limit,
+        )
+        rows = await self._driver(hot.lock_and_claim(), [*params, ids])
+        locked = _locked([row[1:] for row in rows if row[0] == 0])
+        claimed = [ClaimedRow(**hot.claimed_from_core(row[1:])) for row in rows if row[0] == 1]
+        return locked, self._claimed(claim.namespace, claimed)
 
     async def update_states(self, changes: Sequence[Mapping[str, Any]]) -> None:
         await self.write_states(changes, ())
@@ -526,7 +539,10 @@ class Tx(Transaction):
             hot.claim(self.dialect, len(names)),
             hot.claim_params(self.dialect, now, lease_until, namespace, names, limit),
         )
-        claimed = [ClaimedRow(**hot.claimed_values(row)) for row in rows]
+        return self._claimed(namespace, [ClaimedRow(**hot.claimed_values(row)) for row in rows])
+
+    def _claimed(self, namespace: str, claimed: list[ClaimedRow]) -> list[ClaimedRow]:
+        """Claimed states in claim order; they are no longer work to wake anyone for."""
         claimed.sort(key=lambda s: (s.enqueue_after, s.id))
         self._work.get(namespace, set()).difference_update(s.id for s in claimed)
         return claimed
@@ -998,3 +1014,15 @@ class Tx(Transaction):
             .limit(limit)
         )
         return [StateBrief.from_row(row) for row in result.mappings()]
+
+
+def _locked(rows: Iterable[Sequence[Any]]) -> LockedStates:
+    """The rows of :func:`hot.lock_states` as the states they lock."""
+    found: dict[str, StateCore] = {}
+    cancelled: set[str] = set()
+    for row in rows:
+        state = StateCore(**hot.core_values(row))
+        found[state.id] = state
+        if hot.run_cancelled(row):
+            cancelled.add(state.run_id)
+    return LockedStates(found, frozenset(cancelled))
