@@ -14,7 +14,7 @@ from state_manager.domain.models import NodeTemplate, StateStatus, TriggerStatus
 from state_manager.errors import DatabaseNotMigrated
 from state_manager.services.context import retry_transient
 from state_manager.services.progress import state_row
-from state_manager.store.contract import Store
+from state_manager.store.contract import ClaimQuery, Store
 from state_manager.store.database import Database
 from state_manager.store.mongo import MIGRATIONS, NAMES, ORIGINAL_COLLECTIONS
 from state_manager.store.rows import MUTABLE_STATE_COLUMNS
@@ -198,6 +198,29 @@ async def test_locked_states_tell_which_of_their_runs_are_cancelled(db: Store) -
     assert set(locked.states) == {live["id"], doomed["id"], orphan["id"]}
     assert locked.cancelled_runs == frozenset({"run-cancelled"})
     assert locked.states[doomed["id"]].run_id == "run-cancelled"
+
+
+async def test_lock_and_claim_locks_some_states_and_claims_others(db: Store) -> None:
+    """What a batch that reports and claims starts with (one statement on PostgreSQL)."""
+    reported = [new_state(status=StateStatus.QUEUED.value) for _ in range(2)]
+    waiting = [new_state(enqueue_after=300), new_state(enqueue_after=100), new_state()]
+    async with db.write() as tx:
+        await tx.insert_states([*reported, *waiting])
+    query = ClaimQuery("ns", ["Work"], 2, now=1_000, lease_until=9_000)
+    async with db.write() as tx:
+        locked, claimed = await tx.lock_and_claim([r["id"] for r in reported], query)
+    assert set(locked.states) == {r["id"] for r in reported}
+    assert {s.status for s in locked.states.values()} == {StateStatus.QUEUED.value}
+    assert [s.id for s in claimed] == [waiting[1]["id"], waiting[0]["id"]]
+    assert claimed[0].inputs == {"x": "1"} and claimed[0].timeout_ms is None
+    async with db.read() as tx:
+        stored = await tx.get_states(s.id for s in claimed)
+    assert {(s.status, s.claimed_at, s.lease_expires_at) for s in stored.values()} == {
+        (StateStatus.QUEUED.value, 1_000, 9_000)
+    }
+    async with db.write() as tx:  # nothing to lock: the claim alone
+        locked, claimed = await tx.lock_and_claim([], query)
+    assert locked.states == {} and [s.id for s in claimed] == [waiting[2]["id"]]
 
 
 async def test_locked_states_are_changed_one_locker_at_a_time(db: Store, database_url: str) -> None:
