@@ -1,5 +1,9 @@
 """The one HTTP layer of the SDK: a pooled ``httpx.AsyncClient`` plus retry rules.
 
+Plain ``http://`` requests travel on :class:`PlainHttpTransport` (keep-alive HTTP/1.1 on
+asyncio streams, a fraction of httpcore's CPU per request), unless the environment sets
+a proxy; everything else on httpx's own transport.
+
 Both :class:`~exospherehost.Runtime` and :class:`~exospherehost.StateManager` talk to the
 state manager through :class:`ApiClient`. It knows the URL layout
 (``{uri}/{version}/namespace/{namespace}/...``), sends the ``x-api-key`` header, parses
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
+from urllib.request import getproxies
 
 import httpx
 from pydantic_core import from_json, to_json
 
+from ._transport import PlainHttpTransport
 from ._version import VERSION
 from .errors import ApiError
 
@@ -62,6 +68,13 @@ class Backoff:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+def _proxied() -> bool:
+    """Whether the environment configures an HTTP proxy: then httpx's own transports
+    (which follow it) carry every request, not :class:`PlainHttpTransport`."""
+    proxies = getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
 def segment(value: str) -> str:
     """Quote one URL path segment (names may contain spaces or slashes)."""
     return quote(value, safe="")
@@ -84,14 +97,18 @@ class ApiClient:
         self.namespace = namespace
         self.base_path = f"/{segment(version)}/namespace/{segment(namespace)}"
         self.timeout = timeout
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        if transport is None and not _proxied():
+            transport = PlainHttpTransport(
+                httpx.AsyncHTTPTransport(limits=limits), max_connections=max_connections
+            )
         self.client = httpx.AsyncClient(
             base_url=uri.rstrip("/"),
             headers={"x-api-key": key, "user-agent": f"exospherehost-python/{VERSION}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-            ),
+            limits=limits,
             transport=transport,
         )
 
