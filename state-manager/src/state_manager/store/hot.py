@@ -193,8 +193,9 @@ def lock_and_claim() -> str:
     that reports and claims spends one round trip on both (parameters: those of
     :func:`claim_params`, then the array of ids). Each row starts with its kind: 0, then
     a row of :func:`lock_states`; 1, then a claimed state in the same layout (its
-    :data:`CLAIMED_COLUMNS`, the others NULL). The claim takes CREATED states, which no
-    report changes, so the two parts never touch the same row."""
+    :data:`CLAIMED_COLUMNS`, the others NULL). Both parts read one snapshot: a state
+    that is both locked and claimed (a report of a state nobody had claimed) is read as
+    CREATED, so its report is refused."""
     ctes, select = _lock("postgresql", 0, first=6)
     claimed = ", ".join(f"claimed.{c}" if c in CLAIMED_COLUMNS else "NULL" for c in CORE_COLUMNS)
     return (
