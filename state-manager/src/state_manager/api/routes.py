@@ -316,9 +316,9 @@ async def exchange_states(
     """Extension: several reports and a claim in one request and one transaction.
 
     Each report gets the status and body its own route would have answered; the claim
-    already sees the states those reports created. (Requests that pass the key check and
-    the body's validation are answered by :mod:`state_manager.api.hot` before routing.)
+    already sees the states those reports created.
     """
+    # Only requests that api.hot passes on get here (it answers the acceptable ones).
     return await exchange_answer(ctx, namespace_name, body, request.is_disconnected)
 
 
