@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import pydantic
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from state_manager.api import routes, schemas
+from state_manager.api.middleware import replayed
 from state_manager.domain.models import NAME_MAX_LENGTH
 from state_manager.services.context import Context
 
@@ -71,7 +72,7 @@ class HotPath:
             with contextlib.suppress(pydantic.ValidationError):  # FastAPI answers it
                 body = schemas.ExchangeRequest.model_validate_json(raw)
         if body is None:
-            await self.app(scope, receive if raw is None else _replay(raw, receive), send)
+            await self.app(scope, receive if raw is None else replayed(raw, receive), send)
             return
         scope["route"] = EXCHANGE
         try:
@@ -84,17 +85,3 @@ class HotPath:
                 raise  # a bug: the request middleware logs it and answers 500
             response = refused
         await response(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """``receive`` with the body already read given again first."""
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if replayed:
-            return await receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay

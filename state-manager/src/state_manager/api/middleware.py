@@ -58,6 +58,21 @@ def route_template(scope: Scope) -> str:
     return "unmatched"
 
 
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for an app after the whole ``body`` was read: the body as one message,
+    then whatever ``receive`` says (the client's disconnect)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class RejectedRequest(HTTPException):
     """Raised while reading a request that is refused as a whole; answered as a JSON error.
 
@@ -170,16 +185,7 @@ class RequestContextMiddleware:
                 return  # disconnected before sending its body: nobody to answer
             if contains_nul(body):
                 raise NulCharacter("body")
-            replayed = False
-
-            async def replay_body() -> Message:
-                nonlocal replayed
-                if replayed:
-                    return await receive()  # later calls see the client disconnect
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay_body, send_with_id)
+            await self.app(scope, replayed(body, receive), send_with_id)
         except RejectedRequest as exc:
             if not status_holder["sent"]:
                 await self._finish(
