@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -61,12 +61,12 @@ class PlainHttpTransport(httpx.AsyncBaseTransport):
         except TimeoutError:
             raise httpx.PoolTimeout("no free connection in time", request=request) from None
         try:
-            return await self._send(request, (url.host, url.port or 80), dict(timeout))
+            return await self._send(request, (url.host, url.port or 80), timeout)
         finally:
             self._slots.release()
 
     async def _send(
-        self, request: httpx.Request, address: tuple[str, int], limits: dict[str, float | None]
+        self, request: httpx.Request, address: tuple[str, int], limits: Mapping[str, float | None]
     ) -> httpx.Response:
         """``limits``: seconds per phase (httpx's ``timeout`` extension)."""
         connection = await self._connection(request, address, limits.get("connect"))
