@@ -11,7 +11,8 @@ write serialisation, change notification); every query is written once in
   while another process holds it. WAL journal, ``synchronous=FULL`` (a committed report
   survives power loss), and every write transaction opened with ``BEGIN IMMEDIATE`` on
   one connection reserved for writing, so writers never deadlock on a lock upgrade.
-  Writers inside one process queue on an asyncio lock.
+  Writers inside one process queue on an asyncio lock; server processes sharing the
+  file take turns at its write lock (:mod:`state_manager.store.turns`).
 * PostgreSQL: asyncpg, READ COMMITTED; claims use ``FOR UPDATE SKIP LOCKED``; writers
   that make work claimable send ``NOTIFY`` so long-polling workers on every replica wake.
 """
@@ -40,6 +41,7 @@ from state_manager.store.failures import DISK_FULL, UNREACHABLE, is_transient, u
 from state_manager.store.hot import dumps_json
 from state_manager.store.queries import Tx
 from state_manager.store.tables import schema_migrations
+from state_manager.store.turns import WriteTurns
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +119,12 @@ class Database(Store):
         # Whether the kept connection is inside a transaction no statement has used yet.
         self._batch_begun = False
         self.engine: Engine | AsyncEngine
+        self._turns: WriteTurns | None = None
         if self.dialect == "sqlite":
             path = make_url(self.url).database
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._turns = WriteTurns(Path(path), SQLITE_BUSY_TIMEOUT_MS / 1000)
             # Connections are used from the loop's thread and, for COMMIT, a worker thread;
             # never by two threads at once.
             engine = sa.create_engine(
@@ -280,17 +284,23 @@ class Database(Store):
     @contextlib.asynccontextmanager
     async def _sqlite_write(self) -> AsyncIterator[Tx]:
         connection = self._writer_connection()
-        await self._begin_immediate(connection)
+        if self._turns is not None:
+            await self._turns.enter()
         try:
-            yield Tx(connection, self.dialect)
-        except BaseException:
-            self._abandon(connection)
-            raise
-        try:
-            await asyncio.to_thread(connection.commit)
-        except BaseException:
-            self._abandon(connection)
-            raise
+            await self._begin_immediate(connection)
+            try:
+                yield Tx(connection, self.dialect)
+            except BaseException:
+                self._abandon(connection)
+                raise
+            try:
+                await asyncio.to_thread(connection.commit)
+            except BaseException:
+                self._abandon(connection)
+                raise
+        finally:
+            if self._turns is not None:
+                self._turns.leave()
 
     def _writer_connection(self) -> Connection:
         if self._writer is None:
@@ -434,6 +444,8 @@ class Database(Store):
             with contextlib.suppress(Exception):
                 self._writer.close()
             self._writer = None
+        if self._turns is not None:
+            self._turns.close()
         await self._discard_batch_connection()
         if isinstance(self.engine, AsyncEngine):
             await self.engine.dispose()
