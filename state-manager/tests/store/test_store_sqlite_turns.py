@@ -143,6 +143,14 @@ async def test_a_process_done_with_its_turn_lines_up_behind_one_waiting(
         assert not held(Path(f"{db}-turn"))
 
 
+async def takes_a_turn(line: WriteTurns, db: Path) -> None:
+    """``line`` gets the turn (within 10 s) and lets go of it."""
+    await asyncio.wait_for(line.enter(), 10)
+    assert held(Path(f"{db}-turn"))
+    line.leave()
+    assert not held(Path(f"{db}-turn"))
+
+
 async def test_a_wait_given_up_on_lets_go_of_the_turn_it_takes_later(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -156,9 +164,7 @@ async def test_a_wait_given_up_on_lets_go_of_the_turn_it_takes_later(
         assert held(Path(f"{db}-turn"))
         holder.leave()
         # The wait given up on takes the turn once free, and hands it straight back.
-        await asyncio.wait_for(third.enter(), 10)
-        third.leave()
-        await until(lambda: not held(Path(f"{db}-turn")))
+        await takes_a_turn(third, db)
 
 
 async def test_a_cancelled_wait_lets_go_of_the_turn_it_takes_later(tmp_path: Path) -> None:
@@ -173,10 +179,7 @@ async def test_a_cancelled_wait_lets_go_of_the_turn_it_takes_later(tmp_path: Pat
         holder.leave()
         await until(lambda: not held(Path(f"{db}-turn")) and not held(Path(f"{db}-queue")))
         # The process whose wait was cancelled takes turns as before.
-        await asyncio.wait_for(cancelled.enter(), 10)
-        assert held(Path(f"{db}-turn"))
-        cancelled.leave()
-        assert not held(Path(f"{db}-turn"))
+        await takes_a_turn(cancelled, db)
 
 
 async def test_lock_files_that_cannot_be_made_leave_sqlite_to_order_writers(
