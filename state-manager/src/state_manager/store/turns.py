@@ -80,7 +80,7 @@ class WriteTurns:
         ticket = _Ticket()
         try:
             async with asyncio.timeout(self._wait_s):
-                self._held = await self._wait_in_thread(ticket, lined_up)
+                self._held = await self._wait_in_thread(files, ticket, lined_up)
         except BaseException as exc:
             with self._mutex:
                 ticket.given_up = True
@@ -113,7 +113,9 @@ class WriteTurns:
             for descriptor in files:
                 os.close(descriptor)
 
-    def _wait_in_thread(self, ticket: _Ticket, lined_up: bool) -> asyncio.Future[bool]:
+    def _wait_in_thread(
+        self, files: tuple[int, int], ticket: _Ticket, lined_up: bool
+    ) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[bool] = loop.create_future()
         previous = self._waiter
@@ -122,7 +124,10 @@ class WriteTurns:
             if previous is not None:
                 previous.join()
             try:
-                outcome: tuple[bool, BaseException | None] = (self._wait(ticket, lined_up), None)
+                outcome: tuple[bool, BaseException | None] = (
+                    self._wait(files, ticket, lined_up),
+                    None,
+                )
             except OSError as exc:
                 outcome = (False, exc)
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -132,10 +137,9 @@ class WriteTurns:
         self._waiter.start()
         return answer
 
-    def _wait(self, ticket: _Ticket, lined_up: bool) -> bool:
+    def _wait(self, files: tuple[int, int], ticket: _Ticket, lined_up: bool) -> bool:
         """On a waiter thread: line up (unless already in line), then take the turn."""
-        assert self._files is not None
-        queue, turn = self._files
+        queue, turn = files
         try:
             if not lined_up:
                 fcntl.flock(queue, fcntl.LOCK_EX)
