@@ -191,8 +191,8 @@ class Cluster:
     postgres: PostgresCluster | None = None
     servers: list[ServerProcess] = field(default_factory=list)
     proxy: subprocess.Popen[bytes] | None = None
-    proxy_port: int = field(default_factory=free_port)
-    control_port: int = field(default_factory=free_port)
+    proxy_port: int = 0  # both picked by start_proxy
+    control_port: int = 0
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     kills: dict[int, float] = field(default_factory=dict)
     spawned: int = 0
@@ -221,18 +221,35 @@ class Cluster:
         self.servers[0].start()  # migrates the database; then the others, all at once
         with concurrent.futures.ThreadPoolExecutor() as pool:
             list(pool.map(ServerProcess.start, self.servers[1:]))
-        ports = [str(server.port) for server in self.servers]
-        with (self.workdir / "proxy.log").open("wb") as log:
-            self.proxy = subprocess.Popen(
-                [sys.executable, str(PROXY), str(self.proxy_port), str(self.control_port), *ports],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_until(lambda: httpx_ok(f"{self.url}/health"), 30, "the load balancer to answer")
+        self.start_proxy()
         for _ in range(self.topology.workers):
             self.spawn_worker()
+
+    def start_proxy(self) -> None:
+        """Start the load balancer. Its ports are picked just before it starts, and picked
+        again when another process took one first (the balancer then exits at once)."""
+        backends = [str(server.port) for server in self.servers]
+        for _ in range(5):
+            self.proxy_port, self.control_port = free_port(), free_port()
+            ports = [str(self.proxy_port), str(self.control_port)]
+            with (self.workdir / "proxy.log").open("wb") as log:
+                proxy = subprocess.Popen(
+                    [sys.executable, str(PROXY), *ports, *backends],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            self.proxy = proxy
+            wait_until(self.proxy_settled, 30, "the load balancer to answer")
+            if proxy.poll() is None:
+                return
+        raise AssertionError("the load balancer exited at start 5 times (see proxy.log)")
+
+    def proxy_settled(self) -> bool:
+        """Whether the load balancer answers, or has exited."""
+        assert self.proxy is not None
+        return self.proxy.poll() is not None or httpx_ok(f"{self.url}/health")
 
     def spawn_worker(self) -> int:
         self.spawned += 1
